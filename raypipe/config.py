@@ -1,0 +1,333 @@
+"""One typed config tree for every job: YAML file -> dotted CLI overrides -> validated ``Config``.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key, the
+value, what is allowed and (for typos) the closest valid key. Validation happens before Ray starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid. The message says which key and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: str | None = Field(None, description="folder-per-class root or URI; None = built-in")
+    builtin: Literal["lfw_faces"] = "lfw_faces"
+    manifest: str | None = None
+    path_column: str = "path"
+    label_column: str = "label"
+    positive_finding: str | None = None
+    label_separator: str = "|"
+    val_root: str | None = None
+    val_manifest: str | None = None
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    class_names: list[str] | None = None
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"]
+    limit: int | None = Field(None, ge=2, description="use at most N training files (smoke runs)")
+    on_bad_file: Literal["skip", "fail"] = "skip"
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    max_pixels: int = Field(100_000_000, ge=1)
+    cache_dir: str | None = None
+
+
+class PreprocessConfig(_Section):
+    image_size: int = Field(64, ge=8, le=4096)
+    resize_mode: Literal["stretch", "pad", "crop"] = "stretch"
+    channels: Literal[1, 3] = 3
+    threshold: Literal["none", "fixed", "otsu"] = "none"
+    threshold_value: float = Field(125.0, ge=0.0, le=255.0)
+    morphology: list[Literal["erosion", "dilation", "opening", "closing"]] = []
+    disk_radius: int = Field(3, ge=1, le=64)
+    equalize: Literal["none", "adapthist"] = "none"
+    normalize: Literal["divide255", "minmax", "percentile", "none"] = "divide255"
+    percentiles: tuple[float, float] = (5.0, 95.0)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessConfig:
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {lo}, {hi}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and len(v) not in (1, self.channels):
+                raise ValueError(f"{name} needs 1 or {self.channels} values, got {len(v)}")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be > 0, got {self.std}")
+        return self
+
+
+class AugmentConfig(_Section):
+    enabled: bool = True
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    rotation: float = Field(15.0, ge=0.0, le=180.0, description="degrees, +/-")
+    zoom: tuple[float, float] = (0.9, 1.1)
+    translate: float = Field(0.05, ge=0.0, le=0.5, description="fraction of size, +/-")
+    shear: float = Field(0.0, ge=0.0, le=45.0, description="degrees, +/-")
+    crop_scale: float = Field(1.0, gt=0.0, le=1.0, description="random crop area fraction")
+    brightness: float = Field(0.1, ge=0.0, le=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    gamma: float = Field(0.0, ge=0.0, le=1.0)
+    noise_std: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        lo, hi = self.zoom
+        if not 0.1 <= lo <= hi <= 10.0:
+            raise ValueError(f"zoom must satisfy 0.1 <= low <= high <= 10, got {lo}, {hi}")
+        return self
+
+
+class ActorPool(_Section):
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ActorPool:
+        if self.max_actors < self.min_actors:
+            raise ValueError(
+                f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})"
+            )
+        return self
+
+
+class PipelineConfig(_Section):
+    train: ActorPool = ActorPool()
+    val: ActorPool = ActorPool(min_actors=1, max_actors=1)
+    blocks: int = Field(8, ge=1, description="how many blocks the file list is cut into")
+    prefetch_batches: int = Field(2, ge=0)
+
+
+class ModelConfig(_Section):
+    name: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet18"
+    init: Literal["default", "kaiming", "xavier"] = "kaiming"
+    pretrained: str | None = None
+    zero_init_residual: bool = False
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(0.05, ge=0.0)
+    batch_size: int = Field(32, ge=1, description="global batch, split across workers")
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0.0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0.0)
+    schedule: Literal["none", "step", "multistep", "exponential", "cosine", "plateau", "onecycle"] = (
+        "cosine"
+    )
+    warmup_epochs: int = Field(0, ge=0)
+    step_size: int = Field(5, ge=1)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    milestones: list[int] = [30, 60]
+    plateau_metric: Literal["val_loss", "val_auc"] = "val_loss"
+    plateau_patience: int = Field(2, ge=0)
+    loss: Literal["ce", "weighted_ce", "focal"] = "weighted_ce"
+    class_weights: list[float] | None = None
+    focal_gamma: float = Field(2.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    seed: int = 0
+    overfit_subset: int | None = Field(None, ge=1)
+    overfit_loss: float = Field(0.1, gt=0.0)
+    grad_spike_factor: float = Field(10.0, gt=1.0)
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="decision threshold (binary)")
+    max_failures: int = Field(0, ge=-1)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class CheckpointConfig(_Section):
+    metric: Literal[
+        "val_auc", "val_loss", "val_acc", "val_balanced_acc", "val_pr_auc", "val_f1"
+    ] = "val_auc"
+    mode: Literal["auto", "max", "min"] = "auto"
+    num_to_keep: int = Field(2, ge=1)
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.metric == "val_loss" else "max"
+
+
+class RunConfig(_Section):
+    name: str | None = Field(
+        None, min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="None: <config name>-<date>-<time>; an existing name resumes that run",
+    )
+    storage_path: str = "~/raypipe-results"
+    resume: bool = True
+    tensorboard: bool = True
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run: RunConfig = RunConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _fields_at(path: list[str]) -> list[str]:
+    """Valid key names at a dotted path (for 'did you mean' suggestions)."""
+    model: Any = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _unknown_key_message(loc: tuple, value: Any) -> str:
+    keys = [str(p) for p in loc]
+    valid = _fields_at(keys[:-1])
+    dotted = ".".join(keys)
+    close = difflib.get_close_matches(keys[-1], valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{'.'.join(keys[:-1] + close)}'?" if close else ""
+    where = ".".join(keys[:-1]) or "the top level"
+    return (
+        f"unknown config key '{dotted}' (value {value!r}).{hint} "
+        f"Valid keys in {where}: {', '.join(valid)}."
+    )
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append("  - " + _unknown_key_message(loc, value))
+            continue
+        allowed = ""
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            allowed = f" Allowed: {ctx['expected']}."
+        lines.append(f"  - {dotted} = {value!r}: {e['msg']}.{allowed}")
+    lines.append("Fix the YAML file or the key=value override and run again.")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.01"`` -> (["train", "lr"], 0.01). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override '{text}' is not of the form key=value (for example train.lr=0.01)."
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key. Use dotted keys like train.lr=0.01.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value {raw!r} is not valid YAML: {exc}") from exc
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override '{'.'.join(keys)}': '{'.'.join(keys[: i + 1])}' is a value, "
+                "not a section."
+            )
+        node = child
+    node[keys[-1]] = value
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config path as given, or relative to the project's ``configs/`` folder."""
+    p = Path(path)
+    if p.exists():
+        return p
+    alt = CONFIG_DIR / p
+    if alt.exists():
+        return alt
+    alt = CONFIG_DIR / f"{p}.yaml"
+    if alt.exists():
+        return alt
+    raise ConfigError(
+        f"config file '{path}' not found (also looked in {CONFIG_DIR}). "
+        f"Available: {', '.join(sorted(f.name for f in CONFIG_DIR.glob('*.yaml')))}."
+    )
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    p = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file '{p}' must hold a mapping of sections (data:, train:, ...), "
+            f"got {type(data).__name__}."
+        )
+    return data
+
+
+def build_config(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load ``path`` (default: ``configs/default.yaml``), apply dotted overrides, validate."""
+    tree = load_yaml(path or CONFIG_DIR / "default.yaml")
+    source = str(path or "configs/default.yaml")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value)
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    return build_config(tree, source)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

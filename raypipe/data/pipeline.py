@@ -1,0 +1,190 @@
+"""The only Ray Data glue: file records -> streaming Datasets of model-ready batches.
+
+Each pipeline is ``from_items(records)`` (paths and labels only: metadata, not pixels) followed by
+one ``map_batches`` stage on an actor pool that reads, decodes, preprocesses and (for training)
+augments a batch of files. Reading, decoding and preprocessing are fused into one stage so that
+full-resolution pixels never pass through the object store; only model-sized arrays do.
+
+Bad files are never dropped silently: each one is recorded (key, reason) in a :class:`BadFileLedger`
+actor, and with ``data.on_bad_file=fail`` (or past ``data.max_bad_fraction``) the stage raises
+:class:`BadFileError` naming the files.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+
+from raypipe.config import ActorPool, Config
+from raypipe.data.decode import DecodeError, decode_image, value_range
+from raypipe.data.sources import DatasetSplit, Record
+from raypipe.data.transforms import Augmenter, Preprocessor
+
+log = logging.getLogger(__name__)
+
+
+class BadFileError(RuntimeError):
+    """Too many (or, with ``on_bad_file=fail``, any) unreadable image files."""
+
+
+@ray.remote(num_cpus=0)
+class BadFileLedger:
+    """Counts unreadable files once each (by key) and says when the limit is passed."""
+
+    def __init__(self, total_files: int, max_fraction: float, policy: str):
+        self.total = max(1, total_files)
+        self.max_fraction = max_fraction
+        self.policy = policy
+        self.bad: dict[str, str] = {}
+
+    def record(self, key: str, reason: str) -> str | None:
+        """Record a bad file; returns an error message when the run must stop, else None."""
+        self.bad.setdefault(key, reason)
+        if self.policy == "fail":
+            return f"unreadable image '{key}': {reason} (data.on_bad_file=fail)"
+        if len(self.bad) / self.total > self.max_fraction:
+            worst = "; ".join(f"{k}: {r}" for k, r in list(self.bad.items())[:5])
+            return (
+                f"{len(self.bad)} of {self.total} files are unreadable, above "
+                f"data.max_bad_fraction={self.max_fraction}. First ones: {worst}. Fix or remove "
+                "them, or raise data.max_bad_fraction."
+            )
+        return None
+
+    def items(self) -> dict[str, str]:
+        return dict(self.bad)
+
+
+@ray.remote(num_cpus=0)
+class EpochClock:
+    """The epoch the training workers are in, read by augmentation actors to seed their draws."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+
+class ImageBatchProcessor:
+    """``map_batches`` callable: {path, label, key} rows -> {image (N,C,H,W) float32, label}."""
+
+    def __init__(
+        self,
+        filesystem: pafs.FileSystem,
+        cfg: dict,
+        ledger: Any,
+        clock: Any = None,
+        augment: bool = False,
+    ):
+        conf = Config.model_validate(cfg)
+        self.fs = filesystem
+        self.pre = Preprocessor(conf.preprocess)
+        self.aug = Augmenter(conf.augment, conf.train.seed) if augment else None
+        self.gray = conf.preprocess.channels == 1 and conf.preprocess.threshold == "none"
+        self.draft = conf.preprocess.image_size
+        self.max_pixels = conf.data.max_pixels
+        self.ledger = ledger
+        self.clock = clock
+
+    def _load(self, path: str) -> np.ndarray:
+        with self.fs.open_input_file(path) as f:
+            data = f.read()
+        return decode_image(data, max_pixels=self.max_pixels, gray=self.gray, draft_size=self.draft)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        epoch = ray.get(self.clock.get.remote()) if self.aug is not None else 0
+        images, labels = [], []
+        for path, label, key in zip(batch["path"], batch["label"], batch["key"], strict=True):
+            try:
+                img = self._load(str(path))
+            except (DecodeError, OSError) as exc:
+                stop = ray.get(self.ledger.record.remote(str(key), str(exc)))
+                if stop:
+                    raise BadFileError(stop) from None
+                continue
+            x = self.pre(img, value_range(img))
+            if self.aug is not None:
+                x = self.aug(x, str(key), epoch)
+            images.append(x.transpose(2, 0, 1))
+            labels.append(int(label))
+        c, s = self.pre.cfg.channels, self.pre.cfg.image_size
+        return {
+            "image": np.stack(images).astype(np.float32, copy=False)
+            if images
+            else np.zeros((0, c, s, s), np.float32),
+            "label": np.asarray(labels, np.int64),
+        }
+
+
+def _records_dataset(records: list[Record], blocks: int, seed: int, shuffle: bool) -> ray.data.Dataset:
+    rows = [{"path": r.path, "label": r.label, "key": r.key} for r in records]
+    if shuffle:  # one seeded shuffle of the file list; block order is re-randomised each epoch
+        order = np.random.default_rng(seed).permutation(len(rows))
+        rows = [rows[i] for i in order]
+    n_blocks = max(1, min(blocks, len(rows)))
+    return ray.data.from_items(rows, override_num_blocks=n_blocks)
+
+
+def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict) -> ray.data.Dataset:
+    return ds.map_batches(
+        ImageBatchProcessor,
+        fn_constructor_kwargs=kwargs,
+        batch_size=pool.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_cpus=pool.cpus_per_actor,
+    )
+
+
+def build_datasets(
+    cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None
+) -> tuple[ray.data.Dataset, ray.data.Dataset, Any, Any]:
+    """(train_ds, val_ds, ledger, clock). ``train_records`` overrides the split's training set
+    (the overfit check's small subset)."""
+    train_records = split.train if train_records is None else train_records
+    total = len(train_records) + len(split.val)
+    ledger = BadFileLedger.remote(total, cfg.data.max_bad_fraction, cfg.data.on_bad_file)
+    clock = EpochClock.remote()
+    conf = cfg.to_dict()
+    augment = cfg.augment.enabled and cfg.train.overfit_subset is None
+    base = {"filesystem": split.filesystem, "cfg": conf, "ledger": ledger}
+    train = _records_dataset(train_records, cfg.pipeline.blocks, cfg.train.seed, shuffle=True)
+    train = _map(train.randomize_block_order(), cfg.pipeline.train,
+                 {**base, "clock": clock, "augment": augment})
+    val = _records_dataset(split.val, cfg.pipeline.blocks, cfg.train.seed, shuffle=False)
+    val = _map(val, cfg.pipeline.val, base)
+    return train, val, ledger, clock
+
+
+def configure_data_context(show_progress: bool = True) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = show_progress
+    ctx.enable_operator_progress_bars = False  # one bar per dataset; per-operator bars flood logs
+
+
+def dataset_config():
+    """Split ``train`` into equal shards (every DDP worker takes the same number of steps) and
+    ``val`` into uneven ones, so that no validation image is dropped before the metrics."""
+    from ray.train import DataConfig
+
+    class _Config(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out = [{} for _ in range(world_size)]
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                splits = ds.streaming_split(world_size, equal=(name != "val"), locality_hints=hints)
+                for i, s in enumerate(splits):
+                    out[i][name] = s
+            return out
+
+    return _Config()

@@ -1,0 +1,198 @@
+"""The only Ray Train glue inside the workers: model preparation, dataset shards, gathering,
+reporting and checkpoints. The training arithmetic lives in :mod:`raypipe.train.loop`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raypipe.config import Config
+from raypipe.models.resnet import create_model
+from raypipe.train import loop
+from raypipe.train.doctor import GradientDoctor
+from raypipe.train.losses import build_loss
+from raypipe.train.metrics import classification_metrics, softmax
+from raypipe.train.optim import EpochScheduler, build_optimizer
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+
+
+def gather_predictions(labels: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every worker's (labels, logits), concatenated in rank order on every worker. Shards may
+    be uneven or empty."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return labels, logits
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (labels, logits))
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return labels, logits
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def epoch_metrics(
+    labels: np.ndarray, logits: np.ndarray, class_names: list[str], loss_fn, threshold: float
+) -> dict:
+    """``val_*`` metrics from the full gathered validation predictions."""
+    m = classification_metrics(labels, softmax(logits.astype(np.float64)), class_names, threshold)
+    out = {f"val_{k}": v for k, v in m.items() if k not in ("confusion", "n")}
+    out["val_loss"] = loop.evaluate_loss(logits, labels, loss_fn)
+    out["val_samples"] = m["n"]
+    return out, m["confusion"]
+
+
+def save_checkpoint(
+    directory: str, model, optimizer, scheduler, scaler, epoch: int, meta: dict
+) -> None:
+    """Tensors and plain containers only, so it loads with ``torch.load(weights_only=True)``."""
+    state = {
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "epoch": epoch,
+    }
+    torch.save(state, os.path.join(directory, MODEL_FILE))
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump(meta, f, indent=1, default=float)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _restore(checkpoint, model, optimizer, scheduler, scaler) -> tuple[int, list]:
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
+        with open(os.path.join(d, META_FILE)) as f:
+            meta = json.load(f)
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    log.info("resumed from checkpoint at epoch %d", state["epoch"])
+    return int(state["epoch"]) + 1, list(meta.get("history", []))
+
+
+def train_func(config: dict) -> None:
+    """``train_loop_per_worker``. ``config``: {"cfg": resolved config dict, "meta": run facts}."""
+    cfg = Config.model_validate(config["cfg"])
+    facts = config["meta"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))
+    torch.manual_seed(t.seed + rank)
+    device = ray.train.torch.get_device()
+
+    model = create_model(
+        cfg.model.name, in_channels=cfg.preprocess.channels,
+        num_classes=len(facts["class_names"]), init=cfg.model.init,
+        zero_init_residual=cfg.model.zero_init_residual, pretrained=cfg.model.pretrained,
+    )
+    if t.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    weight_decay_off = t.overfit_subset is not None
+    optimizer = build_optimizer(
+        model.parameters(), t.model_copy(update={"weight_decay": 0.0}) if weight_decay_off else t
+    )
+    scheduler = EpochScheduler(optimizer, t)
+    loss_fn = build_loss(t.loss, facts["class_weights"], focal_gamma=t.focal_gamma,
+                         label_smoothing=t.label_smoothing).to(device)
+    eval_loss_fn = build_loss(t.loss, facts["class_weights"], focal_gamma=t.focal_gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and device.type == "cuda")
+    start_epoch, history = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, scaler)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    per_worker_batch = max(1, t.batch_size // world)
+    doctor = GradientDoctor(t.grad_spike_factor)
+    clock = facts.get("clock")
+
+    for epoch in range(start_epoch, t.epochs):
+        if clock is not None:
+            ray.get(clock.set.remote(epoch))
+        lr = scheduler.lr
+        stats = loop.train_one_epoch(
+            model,
+            train_shard.iter_torch_batches(
+                batch_size=per_worker_batch, prefetch_batches=cfg.pipeline.prefetch_batches,
+                local_shuffle_buffer_size=per_worker_batch * 4 if t.overfit_subset is None else None,
+                local_shuffle_seed=t.seed * 1000 + epoch,
+            ),
+            optimizer, loss_fn, device, doctor, epoch=epoch, grad_clip=t.grad_clip, amp=t.amp,
+            channels_last=t.channels_last, scaler=scaler,
+        )
+        labels, logits = loop.predict(
+            _unwrap(model),
+            val_shard.iter_torch_batches(batch_size=per_worker_batch,
+                                         prefetch_batches=cfg.pipeline.prefetch_batches),
+            device, amp=t.amp, channels_last=t.channels_last,
+        )
+        labels, logits = gather_predictions(labels, logits)
+        val, confusion = epoch_metrics(labels, logits, facts["class_names"], eval_loss_fn,
+                                       t.threshold)
+        metrics = {"epoch": epoch, "lr": lr, **stats, **val}
+        metrics["images_per_s_total"] = _sum_over_workers(stats["images_per_s"])
+        scheduler.step(metrics)
+        history.append({**metrics, "val_confusion": confusion})
+        _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts)
+
+
+def _sum_over_workers(value: float) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts):
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    meta = {
+        "epoch": epoch,
+        "metrics": metrics,
+        "history": history,
+        "class_names": facts["class_names"],
+        "preprocess": cfg.preprocess.model_dump(mode="json"),
+        "model": {"name": cfg.model.name, "in_channels": cfg.preprocess.channels,
+                  "num_classes": len(facts["class_names"])},
+        "config": cfg.to_dict(),
+        "data": facts.get("data", {}),
+    }
+    _write_history(facts.get("run_dir"), history)
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(d, model, optimizer, scheduler, scaler, epoch, meta)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}",
+        )
+
+
+def _write_history(run_dir: str | None, history: list) -> None:
+    if not run_dir:
+        return
+    from raypipe.data.sources import get_filesystem, join_uri
+
+    fs, path = get_filesystem(join_uri(run_dir, "history.json"))
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(history, indent=1, default=float).encode())
