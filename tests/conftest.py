@@ -1,0 +1,84 @@
+"""Shared fixtures: one local Ray cluster for the whole session, tiny real image folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_ENABLE_RECORD_ACTOR_TASK_LOGGING", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) shared by every Ray test; yields its address so jobs
+    started as subprocesses join it instead of starting their own."""
+    import ray
+
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False,
+                   log_to_driver=False, ignore_reinit_error=True)
+    from raypipe.data.pipeline import configure_data_context
+
+    configure_data_context(show_progress=False)
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Cache for the built-in dataset, shared by tests."""
+    d = tmp_path_factory.mktemp("cache")
+    os.environ["RAYPIPE_CACHE"] = str(d)
+    return d
+
+
+def make_image_folder(root: Path, classes: dict[str, int], size=(24, 20), mode="RGB",
+                      fmt="png", seed=0) -> Path:
+    """``root/<class>/<i>.<fmt>`` with real, learnable images: class k is brighter in one half."""
+    rng = np.random.default_rng(seed)
+    for k, (name, n) in enumerate(classes.items()):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = size[1], size[0]
+            arr = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+            if k % 2:
+                arr[:, : w // 2] += 150
+            else:
+                arr[: h // 2] += 150
+            img = Image.fromarray(arr, "RGB")
+            if mode != "RGB":
+                img = img.convert(mode)
+            img.save(d / f"{i:03d}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "imgs", {"cats": 12, "dogs": 12})
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present (real-image samples are optional)")
+    return SHARED_DATA
+
+
+def run_job(script: str, *args: str, env: dict | None = None, timeout: int = 600,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``jobs/<script>`` as a user would; returns the completed process (text output)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
