@@ -1,0 +1,53 @@
+"""End to end: ``jobs/train.py`` on the built-in dataset, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_job
+
+
+@pytest.mark.slow
+def test_train_job_builtin_two_workers(ray_cluster, cache_dir, tmp_path):
+    out = tmp_path / "results"
+    proc = run_job(
+        "train.py", "train.epochs=2", "train.num_workers=2", "preprocess.image_size=32",
+        f"run.storage_path={out}", "run.name=e2e",
+        env={"RAY_ADDRESS": ray_cluster},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    run_dir = out / "e2e"
+    assert f"run directory: {run_dir}" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["metric"] == "val_auc"
+    assert 0.0 <= summary["best_value"] <= 1.0
+    assert len(summary["history"]) == 2
+    assert [h["epoch"] for h in summary["history"]] == [0, 1]
+    assert summary["data"]["class_names"] == ["face", "not_face"]
+    assert summary["data"]["train_total"] + summary["data"]["val_total"] == 200
+    assert summary["wall_time_s"] > 0
+    assert (run_dir / "config.yaml").is_file()
+    ckpt = summary["best_checkpoint"]
+    state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu", weights_only=True)
+    meta = json.loads(open(os.path.join(ckpt, "meta.json")).read())
+    assert meta["class_names"] == ["face", "not_face"]
+    assert meta["preprocess"]["image_size"] == 32
+    from raypipe.models.resnet import create_model
+
+    model = create_model(meta["model"]["name"], in_channels=meta["model"]["in_channels"],
+                         num_classes=meta["model"]["num_classes"])
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
+
+
+def test_bad_override_fails_before_ray(tmp_path):
+    proc = run_job("train.py", "train.lr=-1", "train.epohcs=3", env={"RAY_ADDRESS": "127.0.0.1:1"})
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "-1" in proc.stderr
+    assert "train.epohcs" in proc.stderr and "Did you mean 'train.epochs'" in proc.stderr
+    assert "Traceback" not in proc.stderr
