@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,28 +85,107 @@ def load(path: str | None, overrides: list[str], resume: bool = False) -> Config
     return cfg
 
 
+# object-storage settings the Ray workers need as much as the driver does. Only values travel:
+# names of files (AWS_PROFILE, AWS_CA_BUNDLE, GOOGLE_APPLICATION_CREDENTIALS) would point at
+# nothing on other nodes and break their own credential chain (instance role, service account).
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
+def _job_env_vars() -> set[str]:
+    """Env var names the submitted job's runtime env already sets (``ray job submit
+    --runtime-env-json``); Ray refuses to merge a second value for the same name."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return set()
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
+def forwarded_env() -> dict[str, str]:
+    """The object-storage variables of this process to hand to every Ray worker of the job.
+
+    Workers of a cluster started elsewhere (``ray start``, a test fixture, another shell) do not
+    inherit the driver's environment, so S3 reads and checkpoint writes there would run without
+    the endpoint or credentials. Values are passed to Ray only, never printed or logged.
+    """
+    taken = _job_env_vars()
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and k not in taken}
+
+
 def init_ray(**kwargs) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``) or start a local one."""
+    """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``) or start a local one.
+
+    The S3 variables of this process travel to the workers through the job's runtime env.
+    """
     import ray
 
     from raypipe.data.pipeline import configure_data_context
 
     if not ray.is_initialized():
+        env = forwarded_env()
+        if env:
+            runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+            runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+            kwargs["runtime_env"] = runtime_env
         ray.init(**kwargs)
     configure_data_context()
 
 
+def _sigterm_as_sigint(signum: int, frame) -> None:
+    """SIGTERM (``kill``, a scheduler stopping the job) takes the same path as Ctrl-C: whatever
+    SIGINT handler is current (Ray Train's graceful abort during ``fit``, else KeyboardInterrupt)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
 def fail(main: Callable[[], int]) -> int:
-    """Run ``main``; known errors print one clear message and exit non-zero."""
+    """Run ``main``; known errors print one clear message and exit non-zero. SIGINT and SIGTERM
+    stop the run cleanly (exit 130) leaving checkpoints and a partial summary to resume from."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    owns_ray = not _ray_initialized()  # only a connection this job opened is closed before exit
+    report = functools.partial(_report, stop_ray=owns_ray)
     try:
         return main()
     except KeyboardInterrupt:
-        print("interrupted: checkpoints and summary written so far remain valid; re-run the same "
-              "command (with the same run.name, or --resume) to continue.", file=sys.stderr)
+        report("interrupted: checkpoints and summary written so far remain valid; re-run the same "
+               "command (with the same run.name, or --resume) to continue.")
         return 130
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(f"error: {exc}")
         return 2
     except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(f"error: {exc}")
         return 1
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _report(message: str, stop_ray: bool) -> None:
+    """Print ``message`` last: stop Ray first so that worker logs still streaming to this driver
+    (tracebacks of the failure just reported) do not bury it."""
+    if stop_ray and _ray_initialized():
+        import ray
+
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the message matters more than a clean shutdown
+            pass
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)

@@ -240,7 +240,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             continue
         allowed = ""
         ctx = e.get("ctx") or {}
-        if "expected" in ctx:
+        if "expected" in ctx and str(ctx["expected"]) not in e["msg"]:
             allowed = f" Allowed: {ctx['expected']}."
         lines.append(f"  - {dotted} = {value!r}: {e['msg']}.{allowed}")
     lines.append("Fix the YAML file or the key=value override and run again.")
@@ -299,9 +299,13 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
 def load_yaml(path: str | os.PathLike) -> dict:
     p = resolve_config_path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{p}' is not UTF-8 text ({exc}). Save it as UTF-8.") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{p}': {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file '{p}' must hold a mapping of sections (data:, train:, ...), "

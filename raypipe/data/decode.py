@@ -54,11 +54,20 @@ def decode_image(
             img = ImageOps.exif_transpose(img)
     except DecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise DecodeError(
+            f"not a readable image: no image format recognised (file starts with {data[:12]!r})"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
-    except Image.DecompressionBombError as exc:  # pragma: no cover - limit disabled above
-        raise DecodeError(str(exc)) from None
-    return _to_array(img, gray)
+    except MemoryError:
+        raise DecodeError("image needs more memory to decode than is available") from None
+    except Exception as exc:  # noqa: BLE001 - PIL plugins raise struct.error, IndexError, ... on corrupt data
+        raise DecodeError(f"corrupt image data ({type(exc).__name__}: {exc})") from None
+    try:
+        return _to_array(img, gray)
+    except (ValueError, TypeError, OSError, KeyError) as exc:  # exotic modes PIL cannot convert
+        raise DecodeError(f"unsupported image mode {img.mode!r} ({type(exc).__name__}: {exc})") from None
 
 
 def _to_array(img: Image.Image, gray: bool) -> np.ndarray:
@@ -73,17 +82,26 @@ def _to_array(img: Image.Image, gray: bool) -> np.ndarray:
         arr = np.asarray(img, dtype=np.float32)
     elif mode in ("L", "1"):
         arr = np.asarray(img.convert("L"))
-    elif mode == "LA":
-        arr = np.asarray(img.convert("L"))
-    else:  # RGB, RGBA, P, PA, CMYK, YCbCr, LAB, HSV ...
-        if mode in ("P", "PA") and "transparency" in img.info:
-            img = img.convert("RGBA")
+    elif mode in ("LA", "La"):
+        arr = _over_black(np.asarray(img.convert("LA")))
+    elif mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):
+        arr = _over_black(np.asarray(img.convert("RGBA")))
+    else:  # RGB, P, CMYK, YCbCr, LAB, HSV ...
         arr = np.asarray(img.convert("RGB"))
     if gray and arr.ndim == 3:
         arr = _luma(arr)
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
     return np.ascontiguousarray(arr)
+
+
+def _over_black(arr: np.ndarray) -> np.ndarray:
+    """(H, W, C+alpha) uint8 -> (H, W, C) uint8 composited on black: transparent pixels carry
+    arbitrary colour values that must not reach the model."""
+    alpha = arr[..., -1:].astype(np.uint16)
+    out = (arr[..., :-1] * alpha + 127) // 255
+    out = out.astype(np.uint8)
+    return out[..., 0] if out.shape[-1] == 1 else out
 
 
 def _float01(arr: np.ndarray) -> np.ndarray:

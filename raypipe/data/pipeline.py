@@ -13,6 +13,7 @@ actor, and with ``data.on_bad_file=fail`` (or past ``data.max_bad_fraction``) th
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import ray
 from raypipe.config import ActorPool, Config
 from raypipe.data.decode import DecodeError, decode_image, value_range
 from raypipe.data.sources import DatasetSplit, Record
-from raypipe.data.transforms import Augmenter, Preprocessor
+from raypipe.data.transforms import Augmenter, Preprocessor, TrainTransform
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,25 @@ class BadFileLedger:
         """Record a bad file; returns an error message when the run must stop, else None."""
         self.bad.setdefault(key, reason)
         if self.policy == "fail":
-            return f"unreadable image '{key}': {reason} (data.on_bad_file=fail)"
+            return (f"unreadable image '{key}': {reason}. Fix or remove the file, or set "
+                    "data.on_bad_file=skip to skip (and list) unreadable files.")
         if len(self.bad) / self.total > self.max_fraction:
-            worst = "; ".join(f"{k}: {r}" for k, r in list(self.bad.items())[:5])
-            return (
-                f"{len(self.bad)} of {self.total} files are unreadable, above "
-                f"data.max_bad_fraction={self.max_fraction}. First ones: {worst}. Fix or remove "
-                "them, or raise data.max_bad_fraction."
-            )
+            return self._too_many()
         return None
+
+    def _too_many(self) -> str:
+        # the most common failure first: one broken export usually explains most of the files
+        kinds = Counter(r.split(" (")[0] for r in self.bad.values())
+        reasons = "; ".join(f"{n} x {kind}" for kind, n in kinds.most_common(3))
+        ranked = sorted(self.bad.items(), key=lambda kr: (-kinds[kr[1].split(" (")[0]], kr[0]))
+        files = "; ".join(f"{k}: {r}" for k, r in ranked[:5])
+        more = f" (and {len(ranked) - 5} more)" if len(ranked) > 5 else ""
+        return (
+            f"{len(self.bad)} of {self.total} files are unreadable "
+            f"({len(self.bad) / self.total:.1%}), above data.max_bad_fraction={self.max_fraction}. "
+            f"Reasons: {reasons}. Files: {files}{more}. Fix or remove them, or raise "
+            "data.max_bad_fraction."
+        )
 
     def items(self) -> dict[str, str]:
         return dict(self.bad)
@@ -88,6 +99,8 @@ class ImageBatchProcessor:
         self.fs = filesystem
         self.pre = Preprocessor(conf.preprocess)
         self.aug = Augmenter(conf.augment, conf.train.seed) if augment else None
+        # training: resize and augmentation warp fused into one resample per image
+        self.train_tf = TrainTransform(self.pre, self.aug) if self.aug is not None else None
         self.gray = conf.preprocess.channels == 1 and conf.preprocess.threshold == "none"
         self.draft = conf.preprocess.image_size
         self.max_pixels = conf.data.max_pixels
@@ -110,9 +123,16 @@ class ImageBatchProcessor:
                 if stop:
                     raise BadFileError(stop) from None
                 continue
-            x = self.pre(img, value_range(img))
-            if self.aug is not None:
-                x = self.aug(x, str(key), epoch)
+            try:
+                if self.train_tf is not None:
+                    x = self.train_tf(img, value_range(img), str(key), epoch)
+                else:
+                    x = self.pre(img, value_range(img))
+            except ValueError as exc:  # an image the kernels cannot take: name it, like a bad file
+                stop = ray.get(self.ledger.record.remote(str(key), f"preprocessing failed: {exc}"))
+                if stop:
+                    raise BadFileError(stop) from None
+                continue
             images.append(x.transpose(2, 0, 1))
             labels.append(int(label))
         c, s = self.pre.cfg.channels, self.pre.cfg.image_size
@@ -162,6 +182,67 @@ def build_datasets(
     val = _records_dataset(split.val, cfg.pipeline.blocks, cfg.train.seed, shuffle=False)
     val = _map(val, cfg.pipeline.val, base)
     return train, val, ledger, clock
+
+
+class InferenceBatchProcessor(ImageBatchProcessor):
+    """Like :class:`ImageBatchProcessor` without augmentation, keeping each row's ``path`` and
+    ``key`` so that predictions can be traced back to their files."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, labels, paths, keys = [], [], [], []
+        for path, label, key in zip(batch["path"], batch["label"], batch["key"], strict=True):
+            try:
+                img = self._load(str(path))
+                x = self.pre(img, value_range(img))
+            except (DecodeError, OSError, ValueError) as exc:  # unreadable, or kernels refuse it
+                stop = ray.get(self.ledger.record.remote(str(key), str(exc)))
+                if stop:
+                    raise BadFileError(stop) from None
+                continue
+            images.append(x.transpose(2, 0, 1))
+            labels.append(int(label))
+            paths.append(str(path))
+            keys.append(str(key))
+        c, s = self.pre.cfg.channels, self.pre.cfg.image_size
+        return {
+            "image": np.stack(images).astype(np.float32, copy=False)
+            if images
+            else np.zeros((0, c, s, s), np.float32),
+            "label": np.asarray(labels, np.int64),
+            "path": np.asarray(paths, dtype=object),
+            "key": np.asarray(keys, dtype=object),
+        }
+
+
+def build_inference_dataset(
+    cfg: Config, records: list[Record], filesystem: pafs.FileSystem, predictor: type,
+    predictor_kwargs: dict, use_gpu: bool = False,
+) -> tuple[ray.data.Dataset, Any]:
+    """(dataset, bad-file ledger) for batch inference: files -> preprocessing actors (``cfg``'s
+    settings, no augmentation) -> one ``predictor`` actor holding the model (on a GPU when
+    ``use_gpu``). ``predictor(**predictor_kwargs)`` is called on ``{image, label, path, key}``
+    batches and returns the output rows. Labels of unlabeled files are -1."""
+    ledger = BadFileLedger.remote(len(records), cfg.data.max_bad_fraction, cfg.data.on_bad_file)
+    ds = _records_dataset(records, cfg.pipeline.blocks, cfg.train.seed, shuffle=False)
+    pool = cfg.pipeline.val
+    ds = ds.map_batches(
+        InferenceBatchProcessor,
+        fn_constructor_kwargs={"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger},
+        batch_size=pool.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_cpus=pool.cpus_per_actor,
+    )
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.train.cpus_per_worker}
+    ds = ds.map_batches(
+        predictor,
+        fn_constructor_kwargs=predictor_kwargs,
+        batch_size=cfg.train.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        **resources,
+    )
+    return ds, ledger
 
 
 def configure_data_context(show_progress: bool = True) -> None:

@@ -9,11 +9,13 @@ Two layouts are understood:
 
 The split is seeded, stratified and stable: within each class a file goes to validation when its
 hash (seed + relative path) is among the lowest ``round(n * val_fraction)`` of that class, so adding
-files moves at most one existing file per class.
+files never reshuffles the split: an existing file changes side only when a new file takes its place
+(or the validation share grows).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -43,6 +45,7 @@ class Record:
     path: str  # path on ``filesystem`` (no scheme)
     label: int
     key: str  # stable, relative identifier (split hashing, augmentation seeds, reports)
+    size: int | None = None  # bytes, when the listing told us (cheap duplicate detection)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class DatasetSplit:
     val: list[Record]
     source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) at listing time
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (train key, val key), same bytes
 
     def counts(self) -> dict:
         def per_class(records: list[Record]) -> dict[str, int]:
@@ -69,6 +73,7 @@ class DatasetSplit:
             "train_total": len(self.train),
             "val_total": len(self.val),
             "prevalence_train": {k: v / n_train for k, v in train.items()},
+            "train_val_duplicates": len(self.duplicates),
         }
 
     def train_label_counts(self) -> list[int]:
@@ -83,14 +88,18 @@ def get_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path)`` for a local path or a URI pyarrow understands (s3://, gs://, ...).
 
     For S3, the standard AWS environment variables apply (``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``/``AWS_REGION``, ``AWS_ENDPOINT_URL`` for an
-    S3-compatible server).
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_REGION``/
+    ``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for an S3-compatible
+    server such as MinIO). Credentials are read by the AWS SDK and never logged.
     """
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    scheme = uri.split("://", 1)[0].lower()
-    if scheme == "s3":
-        return _s3_filesystem(), uri.split("://", 1)[1].rstrip("/")
+    scheme, _, rest = uri.partition("://")
+    if scheme.lower() == "s3":
+        path = rest.strip("/")
+        if not path:
+            raise DataSourceError(f"'{uri}' names no bucket. Use s3://<bucket>/<prefix>.")
+        return _s3_filesystem(path.split("/", 1)[0]), path
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # pyarrow raises several types for bad URIs
@@ -98,10 +107,35 @@ def get_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
+def s3_endpoint() -> str | None:
+    """The custom S3 endpoint from the environment (``AWS_ENDPOINT_URL_S3`` wins), if any."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint.strip().rstrip("/") if endpoint and endpoint.strip() else None
+
+
+def _s3_region(bucket: str, endpoint: str | None) -> str:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    if endpoint is None:  # real AWS: ask where the bucket lives, or requests get redirected
+        return _bucket_region(bucket)
+    return "us-east-1"
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    """One network request per bucket and process (the filesystem is built for every file op)."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return "us-east-1"  # missing bucket or no network: the first real request says so
+
+
+def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
+    endpoint = s3_endpoint()
+    # short timeouts and few retries: an unreachable endpoint fails in seconds, not minutes
     kwargs: dict = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        "region": _s3_region(bucket, endpoint),
         "connect_timeout": 5,
         "request_timeout": 30,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
@@ -112,6 +146,22 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def _missing_bucket(fs: pafs.FileSystem, path: str, uri: str) -> str | None:
+    """For an S3 URI whose bucket does not exist, a message saying so; else None."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return None
+    bucket = path.split("/", 1)[0]
+    try:
+        missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except OSError:
+        return None
+    if not missing:
+        return None
+    where = s3_endpoint() or "AWS S3"
+    return (f"bucket '{bucket}' of '{uri}' does not exist at {where}. Create it, or fix the URI "
+            "(and AWS_ENDPOINT_URL for an S3-compatible server).")
+
+
 def join_uri(base: str, *parts: str) -> str:
     if "://" in base:
         return posixpath.join(base.rstrip("/"), *parts)
@@ -120,11 +170,16 @@ def join_uri(base: str, *parts: str) -> str:
 
 def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
     try:
-        return fs.get_file_info(path)
+        info = fs.get_file_info(path)
     except OSError as exc:
         raise DataSourceError(
             f"cannot reach '{uri}': {exc}. Check the path, the endpoint and the credentials."
         ) from exc
+    if info.type == pafs.FileType.NotFound:
+        message = _missing_bucket(fs, path, uri)
+        if message:
+            raise DataSourceError(message)
+    return info
 
 
 def _list_tree(fs: pafs.FileSystem, root: str, uri: str) -> list[pafs.FileInfo]:
@@ -158,6 +213,7 @@ def list_folder_per_class(
         )
     files = _list_tree(fs, root, uri)
     by_class: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
     skipped: list[tuple[str, str]] = []
     for f in files:
         rel = posixpath.relpath(f.path, root) if "://" in uri else os.path.relpath(f.path, root)
@@ -172,6 +228,7 @@ def list_folder_per_class(
                 skipped.append((rel, f"extension not in data.extensions {cfg.extensions}"))
             continue
         by_class.setdefault(parts[0], []).append(rel)
+        sizes[rel] = f.size
     # class folders holding nothing usable still count as classes the user meant to have
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
         if entry.type == pafs.FileType.Directory and not entry.base_name.startswith("."):
@@ -186,14 +243,17 @@ def list_folder_per_class(
         )
     index = {c: i for i, c in enumerate(class_names)}
     records = [
-        Record(path=f"{root}/{rel}", label=index[c], key=rel)
+        Record(path=f"{root}/{rel}", label=index[c], key=rel, size=sizes.get(rel))
         for c in class_names
         for rel in sorted(by_class[c])
     ]
     return fs, class_names, records, skipped
 
 
-def _resolve_class_names(found: list[str], cfg: DataConfig, where: str) -> list[str]:
+def _resolve_class_names(
+    found: list[str], cfg: DataConfig, where: str, ordered: bool = False
+) -> list[str]:
+    """``data.class_names`` checked against ``found``, else ``found`` (sorted unless ``ordered``)."""
     if cfg.class_names:
         missing = [c for c in cfg.class_names if c not in found]
         if missing:
@@ -202,7 +262,7 @@ def _resolve_class_names(found: list[str], cfg: DataConfig, where: str) -> list[
             )
         names = list(cfg.class_names)
     else:
-        names = sorted(found)
+        names = list(found) if ordered else sorted(found)
     if len(names) < 2:
         raise DataSourceError(
             f"'{where}' has {len(names)} class(es) {names}; classification needs at least two. "
@@ -262,7 +322,10 @@ def list_manifest(
         labels = [names[int(f)] for f in flags]
     else:
         labels = labels_raw
-    class_names = _resolve_class_names(sorted(set(labels)), cfg, manifest)
+    found = sorted(set(labels))
+    if cfg.positive_finding:  # the finding is the positive class (index 1), whatever the spelling
+        found = [n for n in names if n in found]
+    class_names = _resolve_class_names(found, cfg, manifest, ordered=bool(cfg.positive_finding))
     index = {c: i for i, c in enumerate(class_names)}
 
     paths = df[path_col].astype(str).tolist()
@@ -270,11 +333,10 @@ def list_manifest(
     by_name: dict[str, str] | None = None
     records: list[Record] = []
     skipped: list[tuple[str, str]] = []
-    for rel, lab in zip(paths, labels, strict=True):
-        if lab not in index:
-            skipped.append((rel, f"label '{lab}' not in data.class_names {class_names}"))
-            continue
+    for rel in paths:  # every row, before anything is read: no path may leave the data root
         _check_safe_relative(rel, manifest)
+    _check_known_labels(labels, index, manifest, label_col)
+    for rel, lab in zip(paths, labels, strict=True):
         full = f"{root}/{rel}"
         if full not in existing:
             if by_name is None:
@@ -286,12 +348,46 @@ def list_manifest(
                 skipped.append((rel, "listed in the manifest but not found under " + base))
                 continue
             full = found
-        records.append(Record(path=full, label=index[lab], key=rel))
+        records.append(Record(path=full, label=index[lab], key=rel, size=existing[full]))
+    _check_missing(skipped, len(paths), cfg, manifest, base)
     return fs, class_names, records, skipped
 
 
-def _existing_files(fs: pafs.FileSystem, root: str, uri: str) -> set[str]:
-    return {f.path.replace(os.sep, "/") for f in _list_tree(fs, root, uri)}
+def _check_known_labels(labels: list[str], index: dict[str, int], manifest: str, column: str) -> None:
+    unknown = Counter(lab for lab in labels if lab not in index)
+    if unknown:
+        listed = ", ".join(f"'{lab}' ({n} rows)" for lab, n in unknown.most_common(5))
+        raise DataSourceError(
+            f"manifest '{manifest}' has labels in column '{column}' that are not in "
+            f"data.class_names {sorted(index)}: {listed}. Add them to data.class_names, remove "
+            "those rows, or set data.positive_finding for a one-vs-rest label."
+        )
+
+
+def _check_missing(
+    missing: list[tuple[str, str]], n_rows: int, cfg: DataConfig, manifest: str, base: str
+) -> None:
+    """Rows whose file is absent follow the bad-file policy: listed and skipped, unless
+    ``data.on_bad_file=fail`` or there are more than ``data.max_bad_fraction`` of them."""
+    if not missing:
+        return
+    fraction = len(missing) / max(1, n_rows)
+    if cfg.on_bad_file == "fail" or fraction > cfg.max_bad_fraction:
+        first = ", ".join(f"'{k}'" for k, _ in missing[:5])
+        why = ("data.on_bad_file=fail" if cfg.on_bad_file == "fail"
+               else f"{fraction:.1%}, above data.max_bad_fraction={cfg.max_bad_fraction}")
+        raise DataSourceError(
+            f"manifest '{manifest}' lists {len(missing)} of {n_rows} files that do not exist under "
+            f"'{base}' ({why}); first: {first}. Fix data.root (the folder the manifest's paths are "
+            "relative to) or the manifest."
+        )
+    log.warning("manifest '%s': %d listed files not found under '%s'; they are skipped and listed "
+                "in the run's skipped.csv", manifest, len(missing), base)
+
+
+def _existing_files(fs: pafs.FileSystem, root: str, uri: str) -> dict[str, int | None]:
+    """Every file under ``root``: path -> size in bytes."""
+    return {f.path.replace(os.sep, "/"): f.size for f in _list_tree(fs, root, uri)}
 
 
 def _check_safe_relative(rel: str, manifest: str) -> None:
@@ -388,8 +484,9 @@ def discover(cfg: DataConfig) -> DatasetSplit:
     fs, class_names, records, skipped = _list(root, cfg.manifest, cfg)
     if not records:
         raise DataSourceError(f"no usable images found in '{source}'.")
+    val_fs = fs
     if cfg.val_root or cfg.val_manifest:
-        _, val_names, val, val_skipped = _list(cfg.val_root or root, cfg.val_manifest, cfg)
+        val_fs, val_names, val, val_skipped = _list(cfg.val_root or root, cfg.val_manifest, cfg)
         if val_names != class_names:
             raise DataSourceError(
                 f"validation classes {val_names} differ from training classes {class_names}. "
@@ -401,9 +498,78 @@ def discover(cfg: DataConfig) -> DatasetSplit:
     if cfg.limit is not None and cfg.limit < len(train):
         train, _ = _stratified_subset(train, cfg.limit, cfg.split_seed)
         val, _ = _stratified_subset(val, max(2, cfg.limit // 4), cfg.split_seed)
-    split = DatasetSplit(fs, class_names, train, val, source, skipped)
+    duplicates = find_duplicates(fs, train, val_fs, val)
+    split = DatasetSplit(fs, class_names, train, val, source, skipped, duplicates)
     log.info("dataset %s: %s", source, split.counts())
+    if duplicates:
+        examples = ", ".join(f"{v} = {t}" for v, t in duplicates[:3])
+        log.warning(
+            "%d validation image(s) have the same bytes as a training image (train/val leakage; "
+            "e.g. %s). Validation metrics will be optimistic: remove the copies.",
+            len(duplicates), examples,
+        )
     return split
+
+
+# ---------------------------------------------------------------- train/val leakage
+
+FINGERPRINT_BYTES = 64 * 1024
+
+
+def _fill_sizes(fs: pafs.FileSystem, records: list[Record]) -> dict[str, int]:
+    """path -> size for ``records``, asking the filesystem only for those the listing left out."""
+    sizes = {r.path: r.size for r in records if r.size is not None}
+    unknown = [r.path for r in records if r.size is None]
+    if unknown:
+        try:
+            sizes.update({i.path: i.size for i in fs.get_file_info(unknown) if i.size is not None})
+        except OSError:
+            pass  # unreadable files are reported by the pipeline, not here
+    return sizes
+
+
+def _fingerprint(fs: pafs.FileSystem, path: str, size: int) -> bytes | None:
+    """Hash of the size, the first and the last 64 KiB (the whole file when smaller): two reads
+    at most per file, and only for files whose size matches one on the other side."""
+    try:
+        with fs.open_input_file(path) as f:
+            if size <= 2 * FINGERPRINT_BYTES:
+                data = f.read()
+            else:
+                data = f.read_at(FINGERPRINT_BYTES, 0) + f.read_at(FINGERPRINT_BYTES,
+                                                                   size - FINGERPRINT_BYTES)
+    except OSError:
+        return None
+    return hashlib.sha1(size.to_bytes(8, "big") + data).digest()
+
+
+def find_duplicates(
+    fs: pafs.FileSystem, train: list[Record], val_fs: pafs.FileSystem, val: list[Record]
+) -> list[tuple[str, str]]:
+    """``(val key, train key)`` for every validation file whose bytes also occur in training.
+
+    Files are first grouped by size (known from the listing), so only same-size candidates are
+    read, and of those only the head and tail; empty files are left to the bad-file report.
+    """
+    train_sizes, val_sizes = _fill_sizes(fs, train), _fill_sizes(val_fs, val)
+    common = {s for s in train_sizes.values() if s} & set(val_sizes.values())
+    if not common:
+        return []
+    by_print: dict[bytes, str] = {}
+    for r in train:
+        size = train_sizes.get(r.path)
+        if size in common:
+            fp = _fingerprint(fs, r.path, size)
+            if fp is not None:
+                by_print.setdefault(fp, r.key)
+    pairs = []
+    for r in val:
+        size = val_sizes.get(r.path)
+        if size in common:
+            fp = _fingerprint(val_fs, r.path, size)
+            if fp is not None and fp in by_print:
+                pairs.append((r.key, by_print[fp]))
+    return pairs
 
 
 def _stratified_subset(records: list[Record], n: int, seed: int) -> tuple[list[Record], list]:

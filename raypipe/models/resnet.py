@@ -70,6 +70,9 @@ Block = type[BasicBlock] | type[Bottleneck]
 
 
 class ResNet(nn.Module):
+    """ResNet v1.5 for ``(N, in_channels, H, W)`` inputs (H, W >= 32) -> ``(N, num_classes)``
+    logits. ``init``: ``kaiming``, ``xavier`` or ``default`` (see :func:`init_weights`)."""
+
     def __init__(
         self,
         block: Block,
@@ -77,6 +80,7 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         num_classes: int = 1000,
         zero_init_residual: bool = False,
+        init: str = "kaiming",
     ):
         super().__init__()
         if in_channels < 1 or num_classes < 1:
@@ -96,8 +100,8 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        init_weights(self, "kaiming")
-        if zero_init_residual:
+        init_weights(self, init)
+        if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
             for m in self.modules():
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
@@ -167,9 +171,7 @@ def create_model(
     if name not in REGISTRY:
         raise ValueError(f"unknown model '{name}', expected one of {sorted(REGISTRY)}")
     block, layers = REGISTRY[name]
-    model = ResNet(block, layers, in_channels, num_classes, zero_init_residual)
-    if init != "kaiming":
-        init_weights(model, init)
+    model = ResNet(block, layers, in_channels, num_classes, zero_init_residual, init)
     if pretrained:
         load_pretrained(model, pretrained, name)
     return model
@@ -185,7 +187,13 @@ def load_pretrained(model: ResNet, path: str, name: str = "model") -> None:
     except Exception as exc:
         raise ValueError(f"model.pretrained: '{path}' is not a readable weight file: {exc}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+        state = state["model"]  # a raypipe checkpoint's model.pt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"model.pretrained: '{path}' holds a {type(state).__name__}, expected a state_dict "
+            "(name -> tensor), e.g. torch.save(torchvision.models.resnet18().state_dict(), path)."
+        )
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
     own = model.state_dict()
     w = state.get("conv1.weight")
     if w is not None and w.shape[1] != model.in_channels:

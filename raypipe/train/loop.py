@@ -12,9 +12,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from raypipe.train.doctor import GradientDoctor
+from raypipe.train.doctor import GradientDoctor, TrainingDiverged
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -30,6 +31,21 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool):
     if channels_last and device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, batch["label"].to(device, non_blocking=True).long()
+
+
+def _check_all_workers(doctor: GradientDoctor, loss: float, grad_norm: float,
+                       device: torch.device, *, epoch: int, step: int, lr: float) -> None:
+    """``doctor.check`` on every data-parallel worker at once. A divergence on one worker is
+    shared with all of them first, so they all stop at the same step (a worker that carried on
+    alone would wait forever in the next gradient all-reduce)."""
+    healthy = doctor.is_finite(loss, grad_norm)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([0.0 if healthy else 1.0], device=device)  # NCCL needs CUDA
+        dist.all_reduce(flag)
+        if healthy and flag.item() > 0:
+            raise TrainingDiverged(doctor.diagnosis(
+                "loss on another worker", loss, grad_norm, epoch, step, lr))
+    doctor.check(loss, grad_norm, epoch=epoch, step=step, lr=lr)
 
 
 def train_one_epoch(
@@ -57,7 +73,9 @@ def train_one_epoch(
         t_batch = time.perf_counter()
         wait += t_batch - t_prev
         x, y = _to_device(batch, device, channels_last)
-        if len(y) == 0:
+        # BatchNorm cannot train on one sample (1x1 feature maps raise); equal shards give every
+        # DDP worker the same batch sizes, so all workers skip such a remainder together
+        if len(y) < 2:
             t_prev = time.perf_counter()
             continue
         optimizer.zero_grad(set_to_none=True)
@@ -72,7 +90,7 @@ def train_one_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
         )
         loss_value = float(loss.detach())
-        doctor.check(loss_value, grad_norm, epoch=epoch, step=steps, lr=lr)
+        _check_all_workers(doctor, loss_value, grad_norm, device, epoch=epoch, step=steps, lr=lr)
         if scaler is not None and scaler.is_enabled():
             scaler.step(optimizer)
             scaler.update()

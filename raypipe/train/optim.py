@@ -44,10 +44,19 @@ def _main_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
     raise ValueError(f"unknown schedule '{s}'")
 
 
-class EpochScheduler:
-    """Steps once per epoch: linear warm-up for ``warmup_epochs``, then the main schedule.
+# Keys of a scheduler's state that come from the config rather than from training progress:
+# on resume they follow the current config (e.g. a larger train.epochs stretches the cosine).
+_CONFIG_KEYS = ("T_max", "step_size", "gamma", "milestones", "patience", "factor", "total_steps",
+                "_schedule_phases")
 
-    ``step(metrics)`` takes the epoch's validation metrics (used by reduce-on-plateau).
+
+class EpochScheduler:
+    """Steps once per epoch: ``warmup_epochs`` of linear warm-up (epoch ``e`` runs at
+    ``lr * (e + 1) / (warmup_epochs + 1)``), then the main schedule, started fresh from the
+    base LR exactly as torch's own scheduler would run it alone.
+
+    ``step(metrics)`` takes the epoch's validation metrics (used by reduce-on-plateau, which
+    watches ``train.plateau_metric``). ``lr`` is the LR the coming epoch uses.
     """
 
     def __init__(self, opt: torch.optim.Optimizer, cfg: TrainConfig):
@@ -55,28 +64,37 @@ class EpochScheduler:
         self.cfg = cfg
         self.warmup = cfg.warmup_epochs
         self.epoch = 0
-        self.warm = (
-            sched.LinearLR(opt, start_factor=1.0 / (self.warmup + 1), end_factor=1.0,
-                           total_iters=self.warmup)
-            if self.warmup > 0 else None
-        )
-        self.main = _main_schedule(opt, cfg, cfg.epochs - self.warmup)
+        self.base_lrs = [float(g["lr"]) for g in opt.param_groups]
+        self.main = None
+        if self.warmup > 0:
+            self._set_warmup_lr()
+        else:
+            self._start_main()
 
     @property
     def lr(self) -> float:
         return float(self.opt.param_groups[0]["lr"])
 
+    def _set_warmup_lr(self) -> None:
+        factor = (self.epoch + 1) / (self.warmup + 1)
+        for g, base in zip(self.opt.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base * factor
+
+    def _start_main(self) -> None:
+        for g, base in zip(self.opt.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base
+            g["initial_lr"] = base
+        self.main = _main_schedule(self.opt, self.cfg, self.cfg.epochs - self.warmup)
+
     def step(self, metrics: dict | None = None) -> None:
         self.epoch += 1
-        if self.warm is not None and self.epoch <= self.warmup:
-            self.warm.step()
-            if self.epoch == self.warmup and not isinstance(self.main, sched.ReduceLROnPlateau):
-                for g in self.opt.param_groups:  # main schedule starts from the base LR
-                    g["lr"] = g["initial_lr"]
-            return
-        if isinstance(self.main, sched.ReduceLROnPlateau):
+        if self.epoch < self.warmup:
+            self._set_warmup_lr()
+        elif self.main is None:
+            self._start_main()
+        elif isinstance(self.main, sched.ReduceLROnPlateau):
             value = (metrics or {}).get(self.cfg.plateau_metric)
-            if value is not None:
+            if value is not None and value == value:  # a NaN metric carries no signal
                 self.main.step(value)
         else:
             self.main.step()
@@ -84,12 +102,26 @@ class EpochScheduler:
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
-            "warm": self.warm.state_dict() if self.warm is not None else None,
-            "main": self.main.state_dict(),
+            "base_lrs": self.base_lrs,
+            "main": self.main.state_dict() if self.main is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
-        if self.warm is not None and state.get("warm") is not None:
-            self.warm.load_state_dict(state["warm"])
-        self.main.load_state_dict(state["main"])
+        """Restore progress; call after ``optimizer.load_state_dict`` (which restores the LR)."""
+        self.epoch = int(state["epoch"])
+        self.base_lrs = list(state.get("base_lrs", self.base_lrs))
+        if state.get("main") is None:
+            self.main = None
+            if self.epoch < self.warmup:
+                self._set_warmup_lr()
+            else:
+                self._start_main()
+            return
+        lrs = [g["lr"] for g in self.opt.param_groups]
+        if self.main is None:
+            self._start_main()
+        fresh = self.main.state_dict()
+        self.main.load_state_dict(
+            {**state["main"], **{k: fresh[k] for k in _CONFIG_KEYS if k in fresh}})
+        for g, lr in zip(self.opt.param_groups, lrs, strict=True):
+            g["lr"] = lr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -16,8 +18,9 @@ from ray.train.torch import TorchTrainer
 from raypipe.config import Config, config_to_yaml
 from raypipe.data import pipeline
 from raypipe.data.sources import DatasetSplit, Record, discover, get_filesystem, join_uri, subset
+from raypipe.train.doctor import TrainingDiverged
 from raypipe.train.losses import inverse_prevalence_weights
-from raypipe.train.worker import train_func
+from raypipe.train.worker import DIVERGED_FILE, train_func
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,50 @@ def resolve_layout(cfg: Config, resources: dict[str, float]) -> Layout:
     return Layout(use_gpu, train_cpus, data_cpus, total_cpus, total_gpus)
 
 
+def cluster_capacity() -> dict[str, float]:
+    """``ray.cluster_resources()`` raised to what the cluster's autoscaler can grow it to, so that
+    a job on an autoscaling cluster that starts with zero workers is not refused up front."""
+    capacity = {k: float(v) for k, v in ray.cluster_resources().items()}
+    for key, most in autoscaling_max_resources().items():
+        capacity[key] = max(capacity.get(key, 0.0), float(most))
+    return capacity
+
+
+def autoscaling_max_resources() -> dict[str, float]:
+    """The most of each resource the autoscaler may provide; empty when there is no autoscaler.
+
+    Autoscaler v2 (KubeRay) publishes its node groups' maxima in the GCS. Autoscaler v1 only has
+    its YAML: the cluster launcher's copy on the head node (where ``ray job submit`` runs the
+    job), or the file named by ``RAYPIPE_AUTOSCALING_CONFIG`` (set it for ``ray start
+    --autoscaling-config``, as cluster/local.yaml shows).
+    """
+    import os
+
+    import yaml
+
+    try:
+        found = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # older GCS or not connected: fall back to the YAML
+        found = None
+    if found:
+        return {k: float(v) for k, v in found.items()}
+    path = os.environ.get("RAYPIPE_AUTOSCALING_CONFIG") or os.path.expanduser(
+        "~/ray_bootstrap_config.yaml"
+    )
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+        types = config.get("available_node_types") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    total: dict[str, float] = {}
+    for name, node_type in types.items():
+        count = 1 if name == config.get("head_node_type") else node_type.get("max_workers", 0) or 0
+        for key, value in (node_type.get("resources") or {}).items():
+            total[key] = total.get(key, 0.0) + count * float(value)
+    return total
+
+
 def run_dir_of(cfg: Config) -> str:
     return join_uri(cfg.run.storage_path, cfg.run.name)
 
@@ -82,6 +129,23 @@ def _write_text(uri: str, text: str) -> None:
         raise RunError(
             f"cannot write '{uri}': {exc}. Check that run.storage_path is writable and has space."
         ) from exc
+
+
+def _read_text(uri: str) -> str | None:
+    fs, path = get_filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except (OSError, FileNotFoundError):
+        return None
+
+
+def _remove(uri: str) -> None:
+    fs, path = get_filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except (OSError, FileNotFoundError):
+        pass
 
 
 def _read_json(uri: str) -> Any:
@@ -119,12 +183,26 @@ def validate_split(split: DatasetSplit, cfg: Config) -> None:
         )
 
 
+def check_pretrained(cfg: Config, num_classes: int) -> None:
+    """Load ``model.pretrained`` once on the driver, so a wrong file fails before any worker
+    starts (a worker error would also be retried ``train.max_failures`` times)."""
+    if not cfg.model.pretrained:
+        return
+    from raypipe.models.resnet import create_model
+
+    try:
+        create_model(cfg.model.name, in_channels=cfg.preprocess.channels,
+                     num_classes=num_classes, pretrained=cfg.model.pretrained)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
 def build_trainer(
     cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None,
     callbacks: list | None = None,
 ) -> tuple[TorchTrainer, Any]:
     """A ready-to-fit TorchTrainer and the bad-file ledger actor."""
-    layout = resolve_layout(cfg, ray.cluster_resources())
+    layout = resolve_layout(cfg, cluster_capacity())
     records = split.train if train_records is None else train_records
     train_ds, val_ds, ledger, clock = pipeline.build_datasets(cfg, split, records)
     counts = [0] * len(split.class_names)
@@ -167,18 +245,43 @@ def build_trainer(
     return trainer, ledger
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost meaningful message of a Ray Train failure."""
-    seen, cur, msgs = set(), exc, []
-    while cur is not None and id(cur) not in seen:
+# our own errors, most specific first: when one of them is anywhere in the failure, it is the story
+_OWN_ERRORS = ("TrainingDiverged", "BadFileError", "DataSourceError", "DecodeError", "ResourceError",
+               "RunError")
+# where a message ends and Ray's wrapping (tracebacks, retry advice) begins
+_MESSAGE_ENDS = ("\n\n", "\nTraceback", "\n  File ", "\nThe above exception", "\n(",
+                 "\nray.exceptions.", "\nFailed to apply UDF")
+
+
+def _failure_texts(exc: BaseException) -> list[str]:
+    """``Type: message`` of ``exc`` and of everything it wraps: causes, contexts, and Ray Train's
+    per-worker failures (whose full traceback text holds the worker's original exception)."""
+    seen, stack, msgs = set(), [exc], []
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
         seen.add(id(cur))
         msgs.append(f"{type(cur).__name__}: {cur}")
-        cur = cur.__cause__ or cur.__context__
+        failures = getattr(cur, "worker_failures", None) or {}
+        stack.extend(failures[k] for k in sorted(failures, reverse=True))
+        stack += [getattr(cur, "controller_failure", None), getattr(cur, "_base_exc", None),
+                  cur.__context__, cur.__cause__]
+    return msgs
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost meaningful message of a Ray Train failure: our own error's message when one
+    of them caused it (raised in a training worker or in a Ray Data actor), else the innermost."""
+    msgs = _failure_texts(exc)
     text = "\n".join(msgs)
-    for marker in ("TrainingDiverged", "BadFileError", "DecodeError", "RunError"):
+    for marker in _OWN_ERRORS:
         idx = text.rfind(marker + ":")
         if idx >= 0:
-            return text[idx:].split("\n\n")[0].strip()
+            found = text[idx:]
+            cut = min((i for i in (found.find(end) for end in _MESSAGE_ENDS) if i > 0),
+                      default=len(found))
+            return found[:cut].strip()
     return msgs[-1] if msgs else str(exc)
 
 
@@ -189,6 +292,20 @@ def _best(result, metric: str, mode: str) -> tuple[Any, dict]:
         return None, {}
     sign = 1 if mode == "max" else -1
     return max(pairs, key=lambda cm: sign * float(cm[1][metric]))
+
+
+def overfit_report(cfg: Config, history: list[dict]) -> dict:
+    """``final_train_loss`` and, in overfit mode (``train.overfit_subset``), ``overfit_passed``:
+    whether the last epoch's training loss fell below ``train.overfit_loss`` (None otherwise).
+    A model that cannot overfit a handful of images has a bug or a bad setting to fix first."""
+    final = float(history[-1]["train_loss"]) if history else None
+    passed = None
+    if cfg.train.overfit_subset is not None and final is not None:
+        passed = bool(final < cfg.train.overfit_loss)
+        log.info("overfit check on %d images: final train loss %.4g %s threshold %g -> %s",
+                 cfg.train.overfit_subset, final, "<" if passed else ">=",
+                 cfg.train.overfit_loss, "passed" if passed else "FAILED")
+    return {"final_train_loss": final, "overfit_passed": passed}
 
 
 def checkpoint_uri(cfg: Config, checkpoint) -> str:
@@ -208,23 +325,38 @@ def run_training(
     if cfg.train.overfit_subset is not None and train_records is None:
         train_records = subset(split.train, cfg.train.overfit_subset, cfg.data.split_seed)
     validate_split(split, cfg)
+    check_pretrained(cfg, len(split.class_names))
     run_dir = run_dir_of(cfg)
     _write_text(join_uri(run_dir, "config.yaml"), config_to_yaml(cfg))
     log.info("classes %s; counts %s", split.class_names, split.counts())
+    _remove(join_uri(run_dir, DIVERGED_FILE))  # a resumed run starts healthy
     trainer, ledger = build_trainer(cfg, split, train_records, callbacks)
+    records = split.train if train_records is None else train_records
     try:
         result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ray Train turns SIGINT into a graceful abort that ends in SystemExit: keep what we have
+        _write_partial_summary(cfg, split, records, ledger, "interrupted", None, t0)
+        raise KeyboardInterrupt from exc
     except Exception as exc:  # Ray wraps worker errors; surface the root cause
-        raise RunError(_root_cause(exc)) from exc
+        cause = _explain_storage(_root_cause(exc), cfg)
+        _write_partial_summary(cfg, split, records, ledger, "failed", cause, t0)
+        raise RunError(cause) from exc
     if result.error is not None:
-        raise RunError(_root_cause(result.error))
-    bad = ray.get(ledger.items.remote())
+        cause = _explain_storage(_root_cause(result.error), cfg)
+        _write_partial_summary(cfg, split, records, ledger, "failed", cause, t0)
+        raise RunError(cause)
+    diverged = _read_text(join_uri(run_dir, DIVERGED_FILE))
+    if diverged:
+        _write_partial_summary(cfg, split, records, ledger, "diverged", diverged, t0)
+        raise TrainingDiverged(diverged)
+    bad = _bad_files(ledger)
     metric, mode = cfg.checkpoint.metric, cfg.checkpoint.resolved_mode
     best_ckpt, best_metrics = _best(result, metric, mode)
     history = _read_json(join_uri(run_dir, "history.json")) or []
-    records = split.train if train_records is None else train_records
-    found = len(records) + len(split.val) + len(split.skipped)
+    data, skipped = file_accounting(split, records, bad)
     summary = {
+        "status": "finished",
         "run_dir": run_dir,
         "metric": metric,
         "mode": mode,
@@ -233,16 +365,96 @@ def run_training(
         "best_checkpoint": checkpoint_uri(cfg, best_ckpt) if best_ckpt else None,
         "best_metrics": {k: v for k, v in best_metrics.items() if isinstance(v, int | float)},
         "history": history,
-        "data": {
-            **split.counts(),
-            "files_found": found,
-            "files_used": found - len(split.skipped) - len(bad),
-            "files_skipped": len(split.skipped) + len(bad),
-        },
-        "skipped": [{"file": k, "reason": r} for k, r in split.skipped]
-        + [{"file": k, "reason": r} for k, r in sorted(bad.items())],
+        "data": data,
+        "skipped": skipped,
         "epochs": cfg.train.epochs,
+        **overfit_report(cfg, history),
         "wall_time_s": time.time() - t0,
     }
-    _write_text(join_uri(run_dir, "summary.json"), json.dumps(summary, indent=1, default=float))
+    write_summary(run_dir, summary)
+    _write_report(cfg, summary)
     return summary
+
+
+_STORAGE_ERRORS = ("No space left", "Errno 28", "Read-only file system", "Errno 30",
+                   "Permission denied", "Errno 13", "Disk quota exceeded")
+
+
+def _explain_storage(cause: str, cfg: Config) -> str:
+    """A failure to write checkpoints or history says where and what to do about it."""
+    if any(m in cause for m in _STORAGE_ERRORS):
+        return (f"{cause}\nWriting results under run.storage_path='{cfg.run.storage_path}' failed: "
+                "free some space or point run.storage_path at a writable location, then re-run "
+                f"with run.name={cfg.run.name} to resume from the last checkpoint.")
+    return cause
+
+
+def file_accounting(
+    split: DatasetSplit, records: list[Record], bad: dict[str, str]
+) -> tuple[dict, list[dict]]:
+    """(``data`` section, ``skipped`` list) of the summary: files found = used + skipped, where
+    skipped counts files refused when listing and files that failed to read or decode."""
+    found = len(records) + len(split.val) + len(split.skipped)
+    skipped = [{"file": k, "reason": r} for k, r in split.skipped]
+    skipped += [{"file": k, "reason": r} for k, r in sorted(bad.items())]
+    data = {
+        **split.counts(),
+        "files_found": found,
+        "files_used": found - len(skipped),
+        "files_skipped": len(skipped),
+    }
+    return data, skipped
+
+
+def write_summary(run_dir: str, summary: dict) -> None:
+    """``summary.json`` and ``skipped.csv`` (file, reason: one row per skipped file)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["file", "reason"])
+    writer.writerows([s["file"], s["reason"]] for s in summary.get("skipped", []))
+    _write_text(join_uri(run_dir, "skipped.csv"), buf.getvalue())
+    _write_text(join_uri(run_dir, "summary.json"), json.dumps(summary, indent=1, default=float))
+
+
+def _bad_files(ledger: Any, timeout: float = 30.0) -> dict[str, str]:
+    try:
+        return ray.get(ledger.items.remote(), timeout=timeout)
+    except Exception:  # noqa: BLE001 - a partial summary must not hide the original error
+        log.warning("could not read the bad-file ledger; the skipped list may be incomplete")
+        return {}
+
+
+def _write_partial_summary(
+    cfg: Config, split: DatasetSplit, records: list[Record], ledger: Any, status: str,
+    error: str | None, t0: float,
+) -> None:
+    """Best effort: what an interrupted or failed run had done (epochs so far, files skipped),
+    so nothing is lost silently. Checkpoints already reported stay valid for resuming."""
+    run_dir = run_dir_of(cfg)
+    data, skipped = file_accounting(split, records, _bad_files(ledger, timeout=10.0))
+    summary = {
+        "status": status,
+        "error": error,
+        "run_dir": run_dir,
+        "metric": cfg.checkpoint.metric,
+        "history": _read_json(join_uri(run_dir, "history.json")) or [],
+        "data": data,
+        "skipped": skipped,
+        "epochs": cfg.train.epochs,
+        "resume": f"re-run the same command with run.name={cfg.run.name} to continue",
+        "wall_time_s": time.time() - t0,
+    }
+    try:
+        write_summary(run_dir, summary)
+    except RunError as exc:
+        log.warning("could not write the partial summary: %s", exc)
+
+
+def _write_report(cfg: Config, summary: dict) -> None:
+    """training_curves.png and report.md; a failure here must not turn a finished run into an error."""
+    from raypipe.report.run_report import write_run_report
+
+    try:
+        write_run_report(cfg, summary)
+    except Exception as exc:  # plotting or storage trouble: the run's results are already saved
+        log.warning("could not write the run report in %s: %s", summary["run_dir"], exc)

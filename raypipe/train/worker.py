@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from raypipe.config import Config
 from raypipe.models.resnet import create_model
+from raypipe.report.tensorboard import TensorBoardLogger, epoch_line
 from raypipe.train import loop
-from raypipe.train.doctor import GradientDoctor
+from raypipe.train.doctor import GradientDoctor, TrainingDiverged
 from raypipe.train.losses import build_loss
 from raypipe.train.metrics import classification_metrics, softmax
 from raypipe.train.optim import EpochScheduler, build_optimizer
@@ -122,37 +123,83 @@ def train_func(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_worker_batch = max(1, t.batch_size // world)
-    doctor = GradientDoctor(t.grad_spike_factor)
+    doctor = GradientDoctor(t.grad_spike_factor, grads_may_overflow=scaler.is_enabled())
     clock = facts.get("clock")
+    tb = TensorBoardLogger(facts.get("run_dir"), enabled=cfg.run.tensorboard and rank == 0)
 
     for epoch in range(start_epoch, t.epochs):
         if clock is not None:
             ray.get(clock.set.remote(epoch))
         lr = scheduler.lr
-        stats = loop.train_one_epoch(
-            model,
-            train_shard.iter_torch_batches(
-                batch_size=per_worker_batch, prefetch_batches=cfg.pipeline.prefetch_batches,
-                local_shuffle_buffer_size=per_worker_batch * 4 if t.overfit_subset is None else None,
-                local_shuffle_seed=t.seed * 1000 + epoch,
-            ),
-            optimizer, loss_fn, device, doctor, epoch=epoch, grad_clip=t.grad_clip, amp=t.amp,
-            channels_last=t.channels_last, scaler=scaler,
-        )
-        labels, logits = loop.predict(
-            _unwrap(model),
-            val_shard.iter_torch_batches(batch_size=per_worker_batch,
-                                         prefetch_batches=cfg.pipeline.prefetch_batches),
-            device, amp=t.amp, channels_last=t.channels_last,
-        )
-        labels, logits = gather_predictions(labels, logits)
+        try:
+            stats = loop.train_one_epoch(
+                model,
+                tb.tap(train_shard.iter_torch_batches(
+                    batch_size=per_worker_batch, prefetch_batches=cfg.pipeline.prefetch_batches,
+                    local_shuffle_buffer_size=(
+                        per_worker_batch * 4 if t.overfit_subset is None else None),
+                    local_shuffle_seed=t.seed * 1000 + epoch,
+                )),
+                optimizer, loss_fn, device, doctor, epoch=epoch, grad_clip=t.grad_clip,
+                amp=t.amp, channels_last=t.channels_last, scaler=scaler,
+            )
+            _check_finite("a model weight or BatchNorm statistic",
+                          _unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
+            labels, logits = loop.predict(
+                _unwrap(model),
+                val_shard.iter_torch_batches(batch_size=per_worker_batch,
+                                             prefetch_batches=cfg.pipeline.prefetch_batches),
+                device, amp=t.amp, channels_last=t.channels_last,
+            )
+            labels, logits = gather_predictions(labels, logits)
+            _check_finite("the validation output", [torch.from_numpy(logits)], doctor, epoch,
+                          stats, lr)
+        except TrainingDiverged as exc:
+            report_divergence(str(exc), epoch, cfg, facts.get("run_dir"), rank)
+            tb.close()
+            return
         val, confusion = epoch_metrics(labels, logits, facts["class_names"], eval_loss_fn,
                                        t.threshold)
         metrics = {"epoch": epoch, "lr": lr, **stats, **val}
         metrics["images_per_s_total"] = _sum_over_workers(stats["images_per_s"])
         scheduler.step(metrics)
         history.append({**metrics, "val_confusion": confusion})
+        tb.log_epoch(epoch, metrics)
+        if rank == 0:  # worker loggers are not configured; stdout reaches the driver's console
+            print(epoch_line(metrics, t.epochs), flush=True)
         _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts)
+    tb.close()
+
+
+def _check_finite(what: str, tensors, doctor: GradientDoctor, epoch: int, stats: dict,
+                  lr: float) -> None:
+    """Finite gradients can still step the weights (or BatchNorm's running statistics) to inf;
+    never checkpoint such a model. Weights and gathered outputs are identical on every DDP
+    worker, so all of them reach the same verdict and stop together."""
+    if all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        return
+    raise TrainingDiverged(doctor.diagnosis(
+        what, stats["train_loss"], stats["grad_norm_max"], epoch, stats["train_steps"], lr))
+
+
+DIVERGED_FILE = "diverged.txt"
+
+
+def report_divergence(message: str, epoch: int, cfg: Config, run_dir: str | None,
+                      rank: int) -> None:
+    """End the run on divergence without raising, so that ``FailureConfig(max_failures)`` does
+    not restart it from the last checkpoint only to diverge again (Ray Train retries every
+    worker exception and offers no public hook to exempt one). Rank 0 writes the diagnosis to
+    ``<run_dir>/diverged.txt``, from which the driver raises :class:`TrainingDiverged`; every
+    worker reports NaN metrics and no checkpoint, so a Tune search sees a failed trial rather
+    than a missing metric."""
+    log.error("%s", message)
+    if rank == 0 and run_dir:
+        _write_run_file(run_dir, DIVERGED_FILE, message)
+    nan = float("nan")
+    metrics = {"epoch": epoch, "diverged": 1, "train_loss": nan, "val_loss": nan,
+               "val_auc": nan, "val_acc": nan, cfg.checkpoint.metric: nan}
+    ray.train.report(metrics, checkpoint=None)
 
 
 def _sum_over_workers(value: float) -> float:
@@ -178,7 +225,6 @@ def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, 
         "config": cfg.to_dict(),
         "data": facts.get("data", {}),
     }
-    _write_history(facts.get("run_dir"), history)
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, model, optimizer, scheduler, scaler, epoch, meta)
         ray.train.report(
@@ -186,13 +232,19 @@ def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, 
             checkpoint=ray.train.Checkpoint.from_directory(d),
             checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}",
         )
+    # after the report, which has persisted the checkpoint: history.json never lists an epoch
+    # that a restart would have to train again
+    _write_history(facts.get("run_dir"), history)
 
 
 def _write_history(run_dir: str | None, history: list) -> None:
-    if not run_dir:
-        return
+    if run_dir:
+        _write_run_file(run_dir, "history.json", json.dumps(history, indent=1, default=float))
+
+
+def _write_run_file(run_dir: str, name: str, text: str) -> None:
     from raypipe.data.sources import get_filesystem, join_uri
 
-    fs, path = get_filesystem(join_uri(run_dir, "history.json"))
+    fs, path = get_filesystem(join_uri(run_dir, name))
     with fs.open_output_stream(path) as f:
-        f.write(json.dumps(history, indent=1, default=float).encode())
+        f.write(text.encode())

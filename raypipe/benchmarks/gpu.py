@@ -1,0 +1,138 @@
+"""gpu: ResNet-50 training at 224x224, bf16 autocast, channels-last: images/s on synthetic on-device
+tensors, and with the real Ray Data pipeline feeding it (plus its data-wait fraction).
+
+Made for a CUDA machine (``python jobs/benchmark.py gpu``); on CPU it runs too (autocast and
+channels-last are CUDA-only switches there), which the tests use at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from raypipe.benchmarks.ingest import add_data_arguments, bench_config, data_root, ensure_ray, split_of
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _model(args, device):
+    import torch
+
+    from raypipe.models.resnet import create_model
+
+    torch.manual_seed(0)
+    model = create_model(args.model, in_channels=3, num_classes=2).to(device)
+    if args.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, opt, torch.nn.CrossEntropyLoss()
+
+
+def _step(model, opt, loss_fn, x, y, device, amp: str) -> float:
+    from raypipe.train.loop import autocast_context
+
+    opt.zero_grad(set_to_none=True)
+    with autocast_context(device, amp):
+        loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())  # a sync, as in the real training loop
+
+
+def synthetic(args, device) -> dict:
+    """images/s on one batch of random tensors that never leaves the device."""
+    import torch
+
+    model, opt, loss_fn = _model(args, device)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if args.channels_last and device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (args.batch_size,), device=device)
+    for _ in range(args.warmup):
+        _step(model, opt, loss_fn, x, y, device, args.amp)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        _step(model, opt, loss_fn, x, y, device, args.amp)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {"synthetic_images_per_s": args.steps * args.batch_size / seconds, "synthetic_s": seconds}
+
+
+def with_pipeline(args, device) -> dict:
+    """images/s and data-wait fraction when Ray Data feeds the model (after ``warmup`` batches)."""
+    import torch
+
+    from raypipe.data import pipeline
+
+    ensure_ray(args)
+    root = data_root(args)
+    cfg = bench_config(args, root)
+    n = (args.warmup + args.steps) * args.batch_size
+    train, _, _, _ = pipeline.build_datasets(cfg, split_of(cfg, n))
+    model, opt, loss_fn = _model(args, device)
+    wait = busy = 0.0
+    images = steps = 0
+    t_prev = time.perf_counter()
+    for i, batch in enumerate(train.iter_torch_batches(batch_size=args.batch_size,
+                                                        prefetch_batches=args.prefetch, drop_last=True)):
+        t_batch = time.perf_counter()
+        x = batch["image"].to(device, non_blocking=True)
+        if args.channels_last and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        _step(model, opt, loss_fn, x, batch["label"].to(device, non_blocking=True), device, args.amp)
+        t_end = time.perf_counter()
+        if i >= args.warmup:  # the first batches include actor start-up
+            wait += t_batch - t_prev
+            busy += t_end - t_batch
+            images += len(x)
+            steps += 1
+        t_prev = t_end
+    total = max(wait + busy, 1e-9)
+    return {"pipeline_images_per_s": images / total, "pipeline_data_wait_frac": wait / total,
+            "pipeline_steps": steps, "data": root, "actors": args.actors}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_arguments(p, image_size=224, batch_size=128, actors=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--steps", type=int, default=50, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--prefetch", type=int, default=4, help="batches prefetched from Ray Data")
+    p.add_argument("--skip-pipeline", action="store_true", help="synthetic tensors only")
+
+
+def run(args) -> dict:
+    import torch
+
+    device = _device(args.device)
+    out = {"benchmark": "gpu", "device": str(device), "model": args.model, "image_size": args.image_size,
+           "batch_size": args.batch_size, "amp": args.amp if device.type == "cuda" else "none (CPU)",
+           "channels_last": bool(args.channels_last and device.type == "cuda"), "steps": args.steps,
+           "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    out.update(synthetic(args, device))
+    table = [{"feed": "synthetic on-device", "images_per_s": out["synthetic_images_per_s"]}]
+    if not args.skip_pipeline:
+        out.update(with_pipeline(args, device))
+        table.append({"feed": "ray data pipeline", "images_per_s": out["pipeline_images_per_s"],
+                      "data_wait_frac": out["pipeline_data_wait_frac"]})
+        out["pipeline_vs_synthetic"] = out["pipeline_images_per_s"] / out["synthetic_images_per_s"]
+    out["table"] = table
+    return out

@@ -1,0 +1,216 @@
+"""ingest: images/s through the training input pipeline, Ray Data vs a torch DataLoader.
+
+Both read the same files and apply the identical per-image work (read -> decode -> preprocess ->
+augment) into batches of the same size, drained by a no-op consumer; the DataLoader gets as many
+worker processes as the Ray pipeline gets CPUs. This module also holds the helpers the other
+benchmarks share (image folders, configs, record lists, draining).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from raypipe.config import Config, load_config
+from raypipe.data.sources import DatasetSplit, Record, discover
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+KINDS = {"photo": ((320, 240), "RGB"), "film": ((1024, 1024), "L")}
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def add_data_arguments(p: argparse.ArgumentParser, images: int = 512, image_size: int = 128,
+                       batch_size: int = 32, actors: int = 2) -> None:
+    p.add_argument("--data", default=None,
+                   help="folder-per-class images (default: ../shared/data/flowers-sample when present, "
+                        "else synthetic JPEGs)")
+    p.add_argument("--kind", choices=sorted(KINDS), default="photo",
+                   help="synthetic images: 320x240 RGB photos or 1024x1024 grayscale films")
+    p.add_argument("--synthetic", action="store_true", help="use synthetic JPEGs even if real ones exist")
+    p.add_argument("--images", type=int, default=images, help="images per epoch (files are cycled)")
+    p.add_argument("--image-size", type=int, default=image_size)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--actors", type=int, default=actors, help="Ray Data actors (1 CPU each)")
+    p.add_argument("--ray-data-batch", type=int, default=32, help="rows per map_batches call")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
+
+
+def ensure_ray(args) -> None:
+    """Join RAY_ADDRESS / an initialised session, or start a local Ray."""
+    import ray
+
+    from raypipe.cli import init_ray
+
+    if ray.is_initialized():
+        return
+    kwargs = {"num_cpus": args.num_cpus} if getattr(args, "num_cpus", None) else {}
+    init_ray(**kwargs)
+
+
+def synthetic_folder(kind: str, n_per_class: int = 16, seed: int = 0) -> str:
+    """A temp folder-per-class dataset of realistic JPEGs (smooth structure plus noise)."""
+    from PIL import Image
+
+    (w, h), mode = KINDS[kind]
+    root = Path(tempfile.mkdtemp(prefix=f"raypipe-bench-{kind}-"))
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for k, cls in enumerate(("a", "b")):
+        (root / cls).mkdir()
+        for i in range(n_per_class):
+            fx, fy = rng.uniform(2, 12, 2)
+            base = 127 + 60 * np.sin(xx / w * fx * (k + 1)) * np.cos(yy / h * fy)
+            chans = 3 if mode == "RGB" else 1
+            arr = base[..., None] + rng.normal(0, 20, (h, w, chans))
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+            img = Image.fromarray(arr[..., 0] if chans == 1 else arr, mode)
+            img.save(root / cls / f"{i:03d}.jpg", quality=90)
+    return str(root)
+
+
+def data_root(args) -> str:
+    if args.data:
+        return args.data
+    real = SHARED_DATA / ("flowers-sample" if args.kind == "photo" else "chest-xray-sample")
+    if real.is_dir() and not args.synthetic:
+        return str(real)
+    return synthetic_folder(args.kind)
+
+
+def bench_config(args, root: str, extra: list[str] = ()) -> Config:
+    channels = 3 if args.kind == "photo" else 1
+    return load_config(None, [
+        f"data.root={root}", f"preprocess.image_size={args.image_size}", f"preprocess.channels={channels}",
+        "preprocess.normalize=divide255", "augment.enabled=true",
+        f"pipeline.train={{min_actors: {args.actors}, max_actors: {args.actors}, cpus_per_actor: 1, "
+        f"batch_size: {args.ray_data_batch}}}",
+        f"pipeline.blocks={max(8, 4 * args.actors)}", f"train.batch_size={args.batch_size}", *extra,
+    ])
+
+
+def cycled(records: list[Record], n: int) -> list[Record]:
+    """``n`` records cycling through ``records`` with the classes interleaved (any prefix holds
+    every class), each with its own key (so its own augmentation draw)."""
+    by_label: dict[int, list[Record]] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    groups = list(by_label.values())
+    longest = max(len(g) for g in groups)
+    order = [g[i % len(g)] for i in range(longest) for g in groups]
+    picks = (order[i % len(order)] for i in range(n))
+    return [Record(r.path, r.label, f"{i}:{r.key}") for i, r in enumerate(picks)]
+
+
+def split_of(cfg: Config, n: int) -> DatasetSplit:
+    split = discover(cfg.data)
+    files = split.train + split.val
+    return DatasetSplit(split.filesystem, split.class_names, cycled(files, n), split.val[:2], split.source)
+
+
+def drain(batches) -> tuple[int, float, float]:
+    """(images, seconds, seconds to the first batch) for a no-op consumer of ``{"image", ...}``
+    batches. The first batch's wait is the start-up (worker processes, imports, first files)."""
+    t0, n, first = time.perf_counter(), 0, None
+    for b in batches:
+        if first is None:
+            first = time.perf_counter() - t0
+        n += len(b["image"])
+    return n, time.perf_counter() - t0, first or 0.0
+
+
+def ray_epoch(cfg: Config, split: DatasetSplit, batch_size: int) -> tuple[int, float, float]:
+    """One epoch of the Ray training pipeline (with augmentation), drained; see :func:`drain`."""
+    from raypipe.data import pipeline
+
+    train, _, _, _ = pipeline.build_datasets(cfg, split)
+    return drain(train.iter_torch_batches(batch_size=batch_size,
+                                          prefetch_batches=cfg.pipeline.prefetch_batches))
+
+
+# ---------------------------------------------------------------- DataLoader baseline
+
+
+class FileDataset:
+    """``torch.utils.data.Dataset`` doing exactly the Ray actors' per-image work."""
+
+    def __init__(self, cfg: Config, split: DatasetSplit, epoch: int = 0):
+        from raypipe.data.transforms import Augmenter, Preprocessor, TrainTransform
+
+        self.records, self.fs = split.train, split.filesystem
+        self.pre = Preprocessor(cfg.preprocess)
+        aug = Augmenter(cfg.augment, cfg.train.seed) if cfg.augment.enabled else None
+        self.train_tf = TrainTransform(self.pre, aug) if aug is not None else None
+        self.gray = cfg.preprocess.channels == 1 and cfg.preprocess.threshold == "none"
+        self.size, self.max_pixels, self.epoch = cfg.preprocess.image_size, cfg.data.max_pixels, epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        from raypipe.data.decode import decode_image, value_range
+
+        r = self.records[i]
+        with self.fs.open_input_file(r.path) as f:
+            img = decode_image(f.read(), max_pixels=self.max_pixels, gray=self.gray, draft_size=self.size)
+        if self.train_tf is not None:  # the same fused resize + augmentation as the Ray actors
+            x = self.train_tf(img, value_range(img), r.key, self.epoch)
+        else:
+            x = self.pre(img, value_range(img))
+        return {"image": np.ascontiguousarray(x.transpose(2, 0, 1), np.float32), "label": r.label}
+
+
+def dataloader_epoch(cfg: Config, split: DatasetSplit, batch_size: int,
+                     workers: int) -> tuple[int, float, float]:
+    import torch
+
+    loader = torch.utils.data.DataLoader(FileDataset(cfg, split), batch_size=batch_size, shuffle=True,
+                                         num_workers=workers, prefetch_factor=2 if workers else None)
+    return drain(loader)
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_arguments(p)
+    p.add_argument("--epochs", type=int, default=2, help="epochs of each; the best is reported")
+
+
+def run(args) -> dict:
+    ensure_ray(args)
+    root = data_root(args)
+    cfg = bench_config(args, root)
+    split = split_of(cfg, args.images)
+    ray_times, dl_times = [], []
+    for _ in range(args.epochs):  # alternate, so that machine noise hits both alike
+        ray_times.append(ray_epoch(cfg, split, args.batch_size))
+        dl_times.append(dataloader_epoch(cfg, split, args.batch_size, args.actors))
+    ray_best, dl_best = min(ray_times, key=lambda t: t[1]), min(dl_times, key=lambda t: t[1])
+    ray_ips, dl_ips = ray_best[0] / ray_best[1], dl_best[0] / dl_best[1]
+    # after the first batch: throughput once the workers run, without the per-epoch start-up
+    ray_steady = (ray_best[0] - args.batch_size) / max(ray_best[1] - ray_best[2], 1e-9)
+    dl_steady = (dl_best[0] - args.batch_size) / max(dl_best[1] - dl_best[2], 1e-9)
+    return {
+        "benchmark": "ingest", "data": root, "images": args.images, "image_size": args.image_size,
+        "batch_size": args.batch_size, "cpus": args.actors, "cpu_count": os.cpu_count(),
+        "ray_images": ray_best[0], "dataloader_images": dl_best[0],
+        "ray_images_per_s": ray_ips, "dataloader_images_per_s": dl_ips, "ratio": ray_ips / dl_ips,
+        "ray_startup_s": ray_best[2], "dataloader_startup_s": dl_best[2],
+        "ray_steady_images_per_s": ray_steady, "dataloader_steady_images_per_s": dl_steady,
+        "steady_ratio": ray_steady / dl_steady,
+        "ray_epoch_s": [t[1] for t in ray_times], "dataloader_epoch_s": [t[1] for t in dl_times],
+        "target_ratio": 1.0,
+        "table": [{"pipeline": "ray_data", "images_per_s": ray_ips, "epoch_s": ray_best[1],
+                   "first_batch_s": ray_best[2], "steady_images_per_s": ray_steady},
+                  {"pipeline": "torch_dataloader", "images_per_s": dl_ips, "epoch_s": dl_best[1],
+                   "first_batch_s": dl_best[2], "steady_images_per_s": dl_steady},
+                  {"pipeline": "ratio ray/dataloader", "images_per_s": ray_ips / dl_ips,
+                   "steady_images_per_s": ray_steady / dl_steady}],
+    }

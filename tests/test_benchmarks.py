@@ -1,0 +1,86 @@
+"""Each benchmark subcommand runs at tiny size and writes well-formed JSON with its fields.
+(No timing assertions: the targets are checked by running the benchmarks, not by tests.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from raypipe.benchmarks.scaling import linear_fit
+
+TINY = ["--synthetic", "--image-size", "16", "--batch-size", "4", "--actors", "1", "--ray-data-batch", "4"]
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("benchmark_job", ROOT / "jobs" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(tmp_path, what: str, *args: str) -> dict:
+    out = tmp_path / f"{what}.json"
+    assert _job().main([what, "--json", str(out), *args]) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == what and result["table"]
+    return result
+
+
+def _positive(result: dict, *keys: str) -> None:
+    for k in keys:
+        v = result[k]
+        assert isinstance(v, int | float) and math.isfinite(v) and v > 0, (k, v)
+
+
+def test_linear_fit_recovers_a_line():
+    slope, intercept, r2 = linear_fit([1, 2, 4], [3.0, 5.0, 9.0])
+    assert (slope, intercept, r2) == pytest.approx((2.0, 1.0, 1.0))
+    x = np.arange(10.0)
+    assert linear_fit(x, x + np.sin(x))[2] < 1.0
+
+
+@pytest.mark.slow
+def test_ingest(ray_cluster, tmp_path):
+    r = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "1")
+    assert r["ray_images"] == r["dataloader_images"] == 8
+    _positive(r, "ray_images_per_s", "dataloader_images_per_s", "ratio")
+    assert r["ratio"] == pytest.approx(r["ray_images_per_s"] / r["dataloader_images_per_s"])
+
+
+@pytest.mark.slow
+def test_memory(ray_cluster, tmp_path):
+    r = _run(tmp_path, "memory", *TINY, "--images", "4", "--factor", "2", "--interval", "0.1")
+    assert (r["images_small"], r["images_large"]) == (4, 8)
+    _positive(r, "peak_small_mib", "peak_large_mib", "peak_ratio")
+    assert r["peak_ratio"] == pytest.approx(r["peak_large_mib"] / r["peak_small_mib"])
+
+
+@pytest.mark.slow
+def test_scaling(ray_cluster, tmp_path):
+    r = _run(tmp_path, "scaling", *TINY, "--images", "4", "--multiples", "1", "2", "4")
+    assert [p["images"] for p in r["points"]] == [4, 8, 16]
+    assert r["r2"] <= 1.0 and isinstance(r["slope_s_per_image"], float)
+
+
+@pytest.mark.slow
+def test_train(ray_cluster, tmp_path):
+    r = _run(tmp_path, "train", *TINY, "--samples", "8", "--tensor-size", "16", "--epochs", "1",
+             "--wait-images", "8", "--wait-image-size", "16")
+    assert len(r["plain_epoch_s"]) == len(r["ray_epoch_s"]) == 1
+    _positive(r, "plain_wall_s", "ray_wall_s", "wait_images_per_s")
+    assert r["overhead"] == pytest.approx(min(r["ray_epoch_s"]) / min(r["plain_epoch_s"]) - 1)
+    assert r["wait_images"] == 8 and 0.0 <= r["data_wait_frac"] <= 1.0
+
+
+@pytest.mark.slow
+def test_gpu_runs_tiny_on_cpu(ray_cluster, tmp_path):
+    r = _run(tmp_path, "gpu", *TINY, "--image-size", "32", "--model", "resnet18", "--steps", "2",
+             "--warmup", "1", "--device", "cpu")
+    assert r["device"] == "cpu" and r["pipeline_steps"] == 2
+    _positive(r, "synthetic_images_per_s", "pipeline_images_per_s")
+    assert 0.0 <= r["pipeline_data_wait_frac"] <= 1.0

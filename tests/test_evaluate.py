@@ -1,0 +1,95 @@
+"""Batch evaluation of a checkpoint with Ray Data: predictions, metrics, pictures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_job
+from sklearn import metrics as skm
+from test_report import assert_png, trained_run
+
+from raypipe.data.sources import discover
+from raypipe.evaluate import EvaluationError, evaluate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, tmp_path_factory, cache_dir):
+    return trained_run(tmp_path_factory, cache_dir)
+
+
+def test_job_evaluates_the_validation_split(run, ray_cluster, tmp_path):
+    cfg, summary = run
+    out = tmp_path / "eval"
+    proc = run_job("evaluate.py", "--checkpoint", summary["best_checkpoint"], "--out", str(out),
+                   env={"RAY_ADDRESS": ray_cluster}, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_val = len(discover(cfg.data).val)
+    table = pd.read_parquet(out / "predictions.parquet")
+    assert len(table) == n_val
+    assert list(table.columns) == ["path", "key", "true_label", "score_face", "score_not_face",
+                                   "predicted_label"]
+    csv = pd.read_csv(out / "predictions.csv")
+    assert len(csv) == n_val and np.allclose(csv["score_face"], table["score_face"])
+    assert np.allclose(table["score_face"] + table["score_not_face"], 1.0, atol=1e-5)
+
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    y = (table["true_label"] == "not_face").to_numpy().astype(int)
+    s = table["score_not_face"].to_numpy()
+    pred = (table["predicted_label"] == "not_face").to_numpy().astype(int)
+    assert m["n"] == n_val
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y, s))
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(y, s))
+    assert m["acc"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    assert (pred == (s >= cfg.train.threshold)).all()
+    assert m["confusion"] == skm.confusion_matrix(y, pred).tolist()
+    assert m["loss"] == pytest.approx(skm.log_loss(y, table[["score_face", "score_not_face"]].to_numpy(),
+                                                     labels=[0, 1]), rel=1e-6)
+    assert m["youden_point"]["j"] >= m["chosen_point"]["tpr"] - m["chosen_point"]["fpr"] - 1e-9
+    for name in ("roc.png", "pr.png", "confusion.png"):
+        assert_png(out / name)
+    assert "results:" in proc.stdout
+
+
+def test_labeled_and_unlabeled_folders(run, tmp_path, cache_dir):
+    _, summary = run
+    root = Path(discover(run[0].data).source)
+    # labeled: two class folders, one holding a file that is not an image
+    labeled = tmp_path / "labeled"
+    for cls in ("face", "not_face"):
+        (labeled / cls).mkdir(parents=True)
+        for p in sorted((root / cls).glob("*.png"))[:12]:
+            shutil.copy(p, labeled / cls / p.name)
+    (labeled / "face" / "broken.png").write_bytes(b"not an image")  # 1 of 25: under max_bad_fraction
+    res = evaluate(summary["run_dir"], str(labeled), str(tmp_path / "out1"))  # run dir -> best
+    assert res["checkpoint"] == summary["best_checkpoint"]
+    assert res["images"] == 24 and res["labeled"] == 24
+    assert [s["file"] for s in res["skipped"]] == ["face/broken.png"]
+    table = pd.read_parquet(tmp_path / "out1" / "predictions.parquet")
+    assert len(table) == 24 and set(table["true_label"]) == {"face", "not_face"}
+    assert res["metrics"]["n"] == 24
+
+    # unlabeled: a flat folder -> predictions only, no metrics, no pictures
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted((root / "face").glob("*.png"))[:3] + sorted((root / "not_face").glob("*.png"))[:4]:
+        shutil.copy(p, flat / f"{p.parent.name}_{p.name}")
+    res = evaluate(summary["best_checkpoint"], str(flat), str(tmp_path / "out2"))
+    assert res["images"] == 7 and res["labeled"] == 0 and "metrics" not in res
+    table = pd.read_parquet(tmp_path / "out2" / "predictions.parquet")
+    assert len(table) == 7 and (table["true_label"].fillna("") == "").all()
+    assert set(table["predicted_label"]) <= {"face", "not_face"}
+    assert not (tmp_path / "out2" / "roc.png").exists()
+    assert json.loads((tmp_path / "out2" / "metrics.json").read_text())["images"] == 7
+
+
+def test_bad_checkpoint_path_says_what_to_pass(tmp_path):
+    with pytest.raises(EvaluationError, match="neither a checkpoint folder"):
+        evaluate(str(tmp_path))

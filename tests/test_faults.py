@@ -1,0 +1,173 @@
+"""Faults: an interrupted driver leaves valid checkpoints and summary and resumes; an unwritable or
+full results destination and unreachable object storage give one clear error naming the path.
+
+(A training worker killed mid-epoch is covered with the training tests; S3 against a live fake
+server with the object-storage tests.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, make_image_folder
+
+from raypipe.config import load_config
+from raypipe.data.sources import DataSourceError, discover
+from raypipe.train.trainer import RunError, _explain_storage, _write_text, run_training
+
+# ---------------------------------------------------------------- results destination
+
+
+def _tiny_cfg(root: Path, storage: str, *extra: str):
+    return load_config(None, [f"data.root={root}", f"run.storage_path={storage}", "run.name=r",
+                              "train.batch_size=4", *extra])
+
+
+def test_unwritable_storage_fails_before_training_naming_the_path(tmp_path: Path) -> None:
+    """No Ray needed: the run directory is written before the trainer is built."""
+    root = make_image_folder(tmp_path / "imgs", {"a": 6, "b": 6})
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(RunError, match=r"cannot write '.*results.txt/r/config.yaml'.*"
+                                       r"run.storage_path is writable"):
+        run_training(_tiny_cfg(root, str(blocker)))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_read_only_storage_fails_naming_the_path(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"a": 6, "b": 6})
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(RunError, match="cannot write '.*ro/r/config.yaml'"):
+            run_training(_tiny_cfg(root, str(ro)))
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_full_destination_is_a_clear_error() -> None:
+    with pytest.raises(RunError, match=r"cannot write '/dev/full'.*No space left.*has space"):
+        _write_text("/dev/full", "x" * 100_000)
+
+
+def test_storage_failure_inside_ray_names_the_destination() -> None:
+    cfg = load_config(None, ["run.storage_path=/mnt/results", "run.name=exp1"])
+    text = _explain_storage("OSError: [Errno 28] No space left on device: '/mnt/results/x'", cfg)
+    assert "run.storage_path='/mnt/results'" in text and "run.name=exp1" in text
+    assert _explain_storage("ValueError: shapes differ", cfg) == "ValueError: shapes differ"
+
+
+# ---------------------------------------------------------------- object storage unreachable
+
+
+@pytest.fixture
+def dead_endpoint(monkeypatch):
+    """S3 settings pointing at a port nobody listens on."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+
+def test_unreachable_data_storage_is_retried_then_a_clear_error(dead_endpoint) -> None:
+    cfg = load_config(None, ["data.root=s3://bucket/flowers"])
+    t0 = time.monotonic()
+    with pytest.raises(DataSourceError, match=r"s3://bucket/flowers.*(endpoint|reach)"):
+        discover(cfg.data)
+    assert time.monotonic() - t0 < 120  # bounded retries, not a hang
+
+
+def test_unreachable_results_storage_is_a_clear_error(dead_endpoint) -> None:
+    with pytest.raises(RunError, match=r"cannot write 's3://results/exp/config.yaml'"):
+        _write_text("s3://results/exp/config.yaml", "x")
+
+
+# ---------------------------------------------------------------- driver interrupted
+
+
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_epochs(proc: subprocess.Popen, history: Path, n: int, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"job ended (rc {proc.returncode}) before epoch {n}: {err[-3000:]}")
+        try:
+            if len(json.loads(history.read_text())) >= n:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no epoch {n} within {timeout} s")
+
+
+def _interrupt(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=180)
+    return proc.returncode, err
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint_epoch*/model.pt"))
+
+
+@pytest.mark.slow
+def test_interrupted_run_keeps_its_results_and_resumes(ray_cluster, tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"a": 8, "b": 8})
+    run_dir = tmp_path / "runs" / "resumable"
+    args = [f"data.root={root}", f"run.storage_path={tmp_path / 'runs'}", "run.name=resumable",
+            "train.epochs=4", "train.batch_size=8", "preprocess.image_size=16", "pipeline.blocks=2",
+            "augment.enabled=false", "run.tensorboard=false", "checkpoint.num_to_keep=4"]
+    env = {"RAY_ADDRESS": ray_cluster}
+    history = run_dir / "history.json"
+
+    # 1. Ctrl-C after the first epoch
+    proc = _start(args, env)
+    _wait_for_epochs(proc, history, 1)
+    rc, err = _interrupt(proc, signal.SIGINT)
+    assert rc == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: checkpoints and summary"), err[-2000:]
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert first["status"] == "interrupted" and "run.name=resumable" in first["resume"]
+    assert 1 <= len(first["history"]) < 4
+    assert first["data"]["files_found"] == first["data"]["files_used"] == 16
+    epoch0 = first["history"][0]
+    for ckpt in _checkpoints(run_dir):  # what was saved loads safely
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state["epoch"] < 4 and state["model"]
+
+    # 2. the same command resumes; stopped again with SIGTERM (as a scheduler would)
+    proc = _start(args, env)
+    _wait_for_epochs(proc, history, len(first["history"]) + 1)
+    rc, err = _interrupt(proc, signal.SIGTERM)
+    assert rc == 130, err[-3000:]
+    second = json.loads((run_dir / "summary.json").read_text())
+    assert second["status"] == "interrupted"
+    assert len(second["history"]) > len(first["history"])
+    assert second["history"][0] == epoch0  # continued, not restarted
+
+    # 3. the same command finishes the run
+    proc = _start(args, env)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    final = json.loads((run_dir / "summary.json").read_text())
+    assert final["status"] == "finished"
+    assert [h["epoch"] for h in final["history"]] == [0, 1, 2, 3]
+    assert final["history"][0] == epoch0
+    assert len(_checkpoints(run_dir)) >= 1

@@ -1,0 +1,137 @@
+"""Plots, TensorBoard events, the training-curve picture and report.md of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raypipe.report import plots
+
+_RUN: dict = {}
+
+
+def trained_run(tmp_path_factory, cache_dir) -> tuple:
+    """(config, summary) of one 1-epoch, 32 px run on the built-in dataset, trained once per test
+    session and shared by the report and evaluation tests."""
+    if "run" not in _RUN:
+        from raypipe.config import load_config
+        from raypipe.train.trainer import run_training
+
+        storage = tmp_path_factory.mktemp("runs")
+        cfg = load_config(None, [
+            "train.epochs=1", "preprocess.image_size=32", "train.num_workers=1",
+            f"run.storage_path={storage}", "run.name=tiny", "data.cache_dir=" + str(cache_dir),
+        ])
+        _RUN["run"] = (cfg, run_training(cfg))
+    return _RUN["run"]
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, tmp_path_factory, cache_dir):
+    return trained_run(tmp_path_factory, cache_dir)
+
+
+def assert_png(path: str | Path, size: tuple[int, int] = plots.PIXELS) -> None:
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size == size
+
+
+# ---------------------------------------------------------------- plots, no Ray
+
+
+def _scores(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    p1 = np.clip(labels * 0.3 + rng.random(n) * 0.7, 0, 1)
+    return labels, np.stack([1 - p1, p1], axis=1)
+
+
+def test_youden_point_maximises_tpr_minus_fpr():
+    labels, probs = _scores()
+    y = plots.youden_point(labels, probs[:, 1])
+    points = [plots.operating_point(labels, probs[:, 1], t) for t in np.unique(probs[:, 1])]
+    best = max(p["tpr"] - p["fpr"] for p in points)
+    assert y["j"] == pytest.approx(best)
+    at = plots.operating_point(labels, probs[:, 1], y["threshold"])
+    assert at["tpr"] - at["fpr"] == pytest.approx(y["j"])
+
+
+def test_every_plot_is_a_png_of_fixed_size(tmp_path):
+    labels, probs = _scores()
+    names = ["neg", "pos"]
+    assert_png(plots.roc_png(labels, probs, names, tmp_path / "roc.png", threshold=0.5))
+    assert_png(plots.pr_png(labels, probs, names, tmp_path / "pr.png"))
+    assert_png(plots.confusion_png([[50, 10], [5, 35]], names, tmp_path / "cm.png", 0.5))
+    history = [{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.2 / (e + 1), "val_auc": 0.5 + e / 10,
+                "lr": 0.1 * 0.5 ** e} for e in range(4)]
+    assert_png(plots.training_curves_png(history, tmp_path / "curves.png"))
+    rng = np.random.default_rng(1)
+    p3 = rng.dirichlet([1, 1, 1], 60)
+    y3 = np.arange(60) % 3
+    assert_png(plots.roc_png(y3, p3, ["a", "b", "c"], tmp_path / "roc3.png"))
+    assert_png(plots.pr_png(y3, p3, ["a", "b", "c"], tmp_path / "pr3.png"))
+
+
+def test_report_lists_skipped_files_and_prevalence():
+    from raypipe.config import load_config
+    from raypipe.report.run_report import render_report
+
+    cfg = load_config(None, ["run.name=r1"])
+    summary = {
+        "run_dir": "/x/r1", "metric": "val_auc", "best_value": 0.9, "best_epoch": 3, "epochs": 4,
+        "best_checkpoint": "/x/r1/checkpoint_epoch0003", "best_metrics": {"val_auc": 0.9},
+        "wall_time_s": 12.0, "history": [{"epoch": 0, "lr": 0.1, "train_loss": 0.7}],
+        "data": {"source": "/d", "class_names": ["a", "b"], "train": {"a": 30, "b": 10},
+                 "val": {"a": 8, "b": 2}, "files_found": 51, "files_used": 50, "files_skipped": 1},
+        "skipped": [{"file": "a/bad.jpg", "reason": "not a readable image"}],
+    }
+    text = render_report(cfg, summary, ["training_curves.png"])
+    assert "`a/bad.jpg` | not a readable image" in text
+    assert "| train | 40 | 30 | 10 | 0.750 | 0.250 |" in text
+    assert "| val | 10 | 8 | 2 | 0.800 | 0.200 |" in text
+    assert "![training_curves.png](training_curves.png)" in text
+    assert "name: r1" in text  # resolved config
+
+
+# ---------------------------------------------------------------- a real run
+
+
+@pytest.mark.slow
+def test_run_writes_tensorboard_events(run):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    _, summary = run
+    logdir = os.path.join(summary["run_dir"], "tensorboard")
+    acc = event_accumulator.EventAccumulator(logdir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("loss/train", "loss/val", "val/auc", "optim/lr", "optim/grad_norm_mean",
+                "speed/images_per_s"):
+        assert tag in tags["scalars"], tags["scalars"]
+    assert [e.step for e in acc.Scalars("loss/train")] == [0]
+    assert acc.Scalars("val/auc")[0].value == pytest.approx(summary["history"][0]["val_auc"], abs=1e-6)
+    assert "inputs/train_batch" in tags["images"]
+    img = acc.Images("inputs/train_batch")[0]
+    assert img.height == 32 and img.width == 32 * 8  # a grid of the first batch's 8 images
+
+
+@pytest.mark.slow
+def test_run_writes_curves_and_report(run):
+    cfg, summary = run
+    run_dir = Path(summary["run_dir"])
+    assert_png(run_dir / "training_curves.png")
+    text = (run_dir / "report.md").read_text()
+    assert f"Best val_auc = {summary['best_value']:.4g} at epoch 0" in text
+    counts = json.loads((run_dir / "summary.json").read_text())["data"]
+    n_train, n_val = counts["train_total"], counts["val_total"]
+    assert f"| train | {n_train} |" in text and f"| val | {n_val} |" in text
+    assert "image_size: 32" in text
+    assert "None: every file was read." in text

@@ -1,0 +1,146 @@
+"""Checkpoints, best-by-metric, resume of a stopped run, and a training worker killed mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_job
+
+# small and fast: 48 training images of 32 px, 3 steps of 16 per epoch
+SMALL = ["preprocess.image_size=32", "data.limit=48", "train.batch_size=16"]
+
+
+def _epochs_kept(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("checkpoint_epoch")) for p in
+                  run_dir.glob("checkpoint_epoch*"))
+
+
+def _history(run_dir: Path) -> list[dict]:
+    try:
+        return json.loads((run_dir / "history.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+@pytest.mark.slow
+def test_resume_continues_from_latest_checkpoint_and_keeps_best_by_val_acc(
+        ray_cluster, cache_dir, tmp_path):
+    from raypipe.cli import load
+    from raypipe.train.trainer import run_training
+
+    common = SMALL + ["checkpoint.metric=val_acc", "checkpoint.num_to_keep=1",
+                      "train.amp=bf16", "train.channels_last=true",  # harmless on CPU
+                      f"run.storage_path={tmp_path}"]
+    name = "default-20200101-000000"  # the form the job gives unnamed runs, so --resume finds it
+    first = run_training(load(None, common + ["train.epochs=1", f"run.name={name}"]))
+    assert [h["epoch"] for h in first["history"]] == [0]
+    epoch0 = first["history"][0]
+
+    # the same command again with more epochs: --resume picks the latest run of this config
+    proc = run_job("train.py", "--resume", *common, "train.epochs=3",
+                   env={"RAY_ADDRESS": ray_cluster})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / name
+    assert f"run directory: {run_dir}" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[0]["train_loss"] == epoch0["train_loss"], "epoch 0 was not trained again"
+    assert history[0]["val_acc"] == epoch0["val_acc"]
+
+    # best by val_acc: num_to_keep=1 keeps the best (Ray also keeps the latest, to resume from)
+    acc = {h["epoch"]: h["val_acc"] for h in history}
+    assert summary["metric"] == "val_acc" and summary["mode"] == "max"
+    assert summary["best_value"] == max(acc.values())
+    assert acc[summary["best_epoch"]] == max(acc.values())
+    kept = _epochs_kept(run_dir)
+    assert summary["best_epoch"] in kept and 2 in kept and len(kept) <= 2
+    for e in set(acc) - set(kept):
+        assert acc[e] <= acc[summary["best_epoch"]], "a better checkpoint was deleted"
+
+    # a checkpoint holds everything needed to continue and to reproduce inputs
+    best = Path(summary["best_checkpoint"])
+    assert best.name == f"checkpoint_epoch{summary['best_epoch']:04d}"
+    state = torch.load(best / "model.pt", map_location="cpu", weights_only=True)
+    assert set(state) >= {"model", "optimizer", "scheduler", "epoch"}
+    assert state["epoch"] == summary["best_epoch"]
+    assert state["scheduler"]["epoch"] == summary["best_epoch"] + 1
+    meta = json.loads((best / "meta.json").read_text())
+    assert meta["class_names"] == ["face", "not_face"]
+    assert meta["preprocess"]["image_size"] == 32
+    assert meta["config"]["checkpoint"]["metric"] == "val_acc"
+    assert meta["config"]["train"]["amp"] == "bf16"
+
+    # once finished, running it again trains nothing more and reports the same best
+    again = run_training(load(None, common + ["train.epochs=3", f"run.name={name}"]))
+    assert [h["epoch"] for h in again["history"]] == [0, 1, 2]
+    assert again["best_value"] == summary["best_value"]
+
+
+def _committed(run_dir: Path, epoch: int) -> bool:
+    """Whether Ray Train's checkpoint manager has registered the checkpoint of ``epoch``."""
+    try:
+        text = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    except FileNotFoundError:
+        return False
+    return f"checkpoint_epoch{epoch:04d}" in text
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train workers of this test session's own cluster."""
+    from ray._private import state
+
+    return [a["Pid"] for a in state.actors().values()
+            if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]]
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_restarts_from_checkpoint(ray_cluster, cache_dir, tmp_path):
+    out = tmp_path / "runs"
+    run_dir = out / "fault"
+    log_path = tmp_path / "job.log"
+    args = [*SMALL, "train.epochs=3", "train.max_failures=1", "checkpoint.num_to_keep=3",
+            f"run.storage_path={out}", "run.name=fault"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_cluster}
+    with open(log_path, "w") as log:
+        job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args],
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 480
+            # kill once Ray Train has committed epoch 0's checkpoint (its snapshot lists it; a
+            # checkpoint still in flight when a worker dies is not kept, by Ray's design)
+            while (not _committed(run_dir, 0) and job.poll() is None
+                   and time.time() < deadline):
+                time.sleep(0.3)
+            assert _committed(run_dir, 0), log_path.read_text()[-3000:]
+            assert len(_history(run_dir)) >= 1
+            epoch0 = _history(run_dir)[0]
+            pids = _train_worker_pids()
+            assert len(pids) == 2, pids
+            os.kill(pids[-1], signal.SIGKILL)  # one worker dies during the next epoch
+            killed_during = len(_history(run_dir))
+            rc = job.wait(timeout=600)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    output = log_path.read_text()
+    assert rc == 0, output[-4000:]
+    assert killed_during < 3, "the kill landed after the last epoch"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2], "the right epoch count, none repeated"
+    assert history[0]["train_loss"] == epoch0["train_loss"], "restarted from the checkpoint"
+    assert _epochs_kept(run_dir) == [0, 1, 2], "no checkpoint lost"
+    assert "[FailurePolicy] RETRY" in output, "Ray Train restarted the worker group"
+    for e in (0, 1, 2):
+        state = torch.load(run_dir / f"checkpoint_epoch{e:04d}" / "model.pt",
+                           map_location="cpu", weights_only=True)
+        assert state["epoch"] == e

@@ -1,0 +1,198 @@
+"""Hyperparameter search: spec parsing and resource sizing (fast), then real Tune searches on the
+built-in dataset (Ray, slow): a tiny grid, ASHA early stopping next to a diverging trial, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+
+import pytest
+import yaml
+
+from raypipe.config import ConfigError, load_config
+from raypipe.train.trainer import ResourceError
+from raypipe.tune import driver as drv
+from raypipe.tune.space import (
+    TuneSpec,
+    example_points,
+    load_tune_spec,
+    param_space,
+    trial_overrides,
+    yaml_scalar,
+)
+
+# one trial = 1 training worker (0.5 CPU) + two data actors (0.25 each): two trials fit 2 CPUs
+SMALL = ["train.num_workers=1", "train.cpus_per_worker=0.5", "pipeline.train.cpus_per_actor=0.25",
+         "pipeline.val.cpus_per_actor=0.25", "preprocess.image_size=32", "train.batch_size=16",
+         "train.epochs=1"]
+
+
+# ---------------------------------------------------------------- spec and space (no Ray)
+
+
+def test_shipped_spec_builds_valid_trial_configs(tmp_path):
+    spec = load_tune_spec("tune.yaml")
+    job = drv.SearchJob("s", str(tmp_path), drv.absolute_config_path(None), [],
+                        spec.trial_overrides, spec.presets)
+    cfgs = drv.check_trial_configs(job, example_points(spec))
+    assert {c.train.optimizer for c in cfgs} == {"sgd", "rmsprop", "adam"}
+    assert {c.model.name for c in cfgs} == {"resnet18", "resnet34"}
+    assert {c.augment.enabled for c in cfgs} == {True, False}
+    assert all(c.train.epochs == 4 for c in cfgs)  # the search-only override
+    assert all(c.run.storage_path == str(tmp_path / "s" / "runs") and c.run.name == "check"
+               for c in cfgs)
+
+
+def test_grid_and_random_spaces():
+    from ray.tune.search.sample import Categorical, Float
+
+    spec = TuneSpec(search="grid", space={"train.lr": [0.1, 0.01], "train.momentum": {"uniform": [0.5, 0.9]}})
+    space = param_space(spec)
+    assert space["train.lr"] == {"grid_search": [0.1, 0.01]}
+    assert isinstance(space["train.momentum"], Float)
+    spec = spec.model_copy(update={"search": "random"})
+    assert isinstance(param_space(spec)["train.lr"], Categorical)
+
+
+def test_spec_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space:\n  train.lr: {logunifrom: [0.001, 0.1]}\n")
+    with pytest.raises(ConfigError, match="train.lr.*loguniform"):
+        load_tune_spec(str(bad))
+    bad.write_text("space:\n  augment_set: [none, heavy]\npresets:\n  augment_set:\n    none: {}\n")
+    with pytest.raises(ConfigError, match=r"heavy"):
+        load_tune_spec(str(bad))
+    bad.write_text("serach: grid\n")
+    with pytest.raises(ConfigError, match="serach"):
+        load_tune_spec(str(bad))
+    job = drv.SearchJob("s", str(tmp_path), None, [])
+    with pytest.raises(ConfigError, match="train.lrr"):
+        drv.check_trial_configs(job, [{"train.lrr": 0.1}])
+
+
+def test_trial_overrides_round_trip_values():
+    presets = {"augment_set": {"none": {"augment.enabled": False, "augment.zoom": [1.0, 1.0]}}}
+    out = trial_overrides({"train.lr": 1e-6, "augment_set": "none", "model.name": "resnet34"}, presets)
+    cfg = load_config(None, out)
+    assert cfg.train.lr == 1e-6 and cfg.augment.enabled is False and cfg.model.name == "resnet34"
+    assert yaml.safe_load(yaml_scalar(1e-6)) == 1e-6  # "1e-06" alone would be a YAML string
+
+
+def test_concurrency_follows_cpus_and_config():
+    default = load_config(None)
+    small = load_config(None, SMALL)
+    assert drv.trial_cpus(default) == 2.0 and drv.trial_cpus(small) == 1.0
+    assert drv.max_concurrent_trials([default], {"CPU": 2}) == 1
+    assert drv.max_concurrent_trials([small], {"CPU": 2}) == 2
+    assert drv.max_concurrent_trials([small], {"CPU": 16}) == 16
+    assert drv.max_concurrent_trials([small], {"CPU": 16}, requested=3) == 3
+    assert drv.max_concurrent_trials([small, default], {"CPU": 8}) == 4  # the largest trial decides
+    gpu = load_config(None, ["train.use_gpu=true", "train.num_workers=2"])
+    assert drv.max_concurrent_trials([gpu], {"CPU": 64, "GPU": 4}) == 2
+    with pytest.raises(ResourceError, match="num_workers"):
+        drv.max_concurrent_trials([load_config(None, ["train.num_workers=4"])], {"CPU": 2})
+
+
+def test_error_message_finds_the_root_cause():
+    wrapped = ("ray.exceptions.RayTaskError(RunError): ray::ImplicitFunc.train()\n"
+               "raypipe.train.trainer.RunError: WorkerGroupError: Training failed\n"
+               "  File \"x.py\", line 3\nValueError: Input contains NaN.\n")
+    assert drv.error_message(RuntimeError(wrapped)) == "ValueError: Input contains NaN."
+    diverged = "RunError: TrainingDiverged: training diverged: loss is not finite\n  at epoch 0\n\nTraceback"
+    assert drv.error_message(RuntimeError(diverged)).startswith("TrainingDiverged: training diverged")
+    assert drv.error_message(None) is None
+
+
+def test_scheduled_stop_is_recognised_through_ray_trains_wrapping():
+    import pickle
+
+    from ray.train.v2.api.exceptions import ControllerError
+
+    from raypipe.train.trainer import RunError
+    from raypipe.tune.stopping import ScheduledStop, ScheduledStopCallback, is_scheduled_stop
+
+    wrapped = pickle.loads(pickle.dumps(ControllerError(ScheduledStop("trial t stopped by the search "
+                                                                      "scheduler after epoch 0"))))
+    err = RunError(str(wrapped))
+    err.__cause__ = wrapped
+    assert is_scheduled_stop(err)
+    assert not is_scheduled_stop(RunError("ValueError: Input contains NaN."))
+    # the callback never stops the last epoch and needs no Ray for it
+    ScheduledStopCallback("board", "t", last_epoch=2).after_report(None, [{"epoch": 2}], None)
+
+
+# ---------------------------------------------------------------- real searches (Ray)
+
+
+def _spec(tmp_path, name: str, **kw) -> TuneSpec:
+    return TuneSpec(name=name, storage_path=str(tmp_path), subset=32, **kw)
+
+
+def _read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _wait_for_cpus(expected: float, timeout: float = 60.0) -> float:
+    """Free CPUs once the trials' actors are gone (what a leak would keep)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    free = ray.available_resources().get("CPU", 0.0)
+    while free < expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+        free = ray.available_resources().get("CPU", 0.0)
+    return free
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tiny_grid_reports_every_trial_and_best_matches_table(ray_cluster, tmp_path):
+    from raypipe.tune.search import run_tune
+
+    spec = _spec(tmp_path, "grid", search="grid", scheduler={"type": "none"},
+                 space={"train.lr": [0.05, 0.01], "train.optimizer": ["sgd", "adam"]})
+    best = run_tune(None, SMALL, spec)
+    rows = _read_csv(tmp_path / "grid" / "results.csv")
+    assert len(rows) == 4 and best["trials"] == 4 and best["failed"] == 0
+    assert {(float(r["train.lr"]), r["train.optimizer"]) for r in rows} == {
+        (0.05, "sgd"), (0.05, "adam"), (0.01, "sgd"), (0.01, "adam")}
+    aucs = [float(r["best_val_auc"]) for r in rows]
+    assert all(0.0 <= a <= 1.0 for a in aucs) and all(r["status"] == "done" for r in rows)
+    assert aucs == sorted(aucs, reverse=True)  # sorted by the metric
+    assert best["best_trial"] == rows[0]["trial_id"]
+    assert math.isclose(best["best_value"], max(aucs), rel_tol=1e-3)
+    # the best config is a plain training config carrying the winning values
+    cfg = load_config(best["best_config"])
+    assert cfg.train.lr == float(rows[0]["train.lr"]) and cfg.train.optimizer == rows[0]["train.optimizer"]
+    assert cfg.run.name is None and cfg.train.epochs == 1
+    assert best["best_checkpoint"] and (tmp_path / "grid" / "runs" / rows[0]["trial_id"]).is_dir()
+
+    # an existing search name resumes: every trial is done, so nothing reruns and the table holds
+    again = run_tune(None, SMALL, spec)
+    assert again["best_trial"] == best["best_trial"] and again["trials"] == 4
+    assert _wait_for_cpus(2.0) == 2.0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_a_bad_trial_and_a_diverging_trial_fails(ray_cluster, tmp_path):
+    from raypipe.tune.search import run_tune
+
+    # one trial at a time, in this order: the good trial sets the bar at the first rung, the
+    # frozen one (lr 0: validation AUC of the random initialisation) falls below it and is
+    # stopped, the third diverges at once.
+    spec = _spec(tmp_path, "asha", search="grid", max_concurrent_trials=1,
+                 scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                 trial_overrides=["train.epochs=3"], space={"train.lr": [0.05, 0.0, 1.0e6]})
+    best = run_tune(None, SMALL, spec)
+    rows = {float(r["train.lr"]): r for r in _read_csv(tmp_path / "asha" / "results.csv")}
+    assert rows[1e6]["status"] == "error"
+    assert any(w in rows[1e6]["error"].lower() for w in ("diverged", "nan", "not finite"))
+    assert best["failed"] == 1 and best["stopped_early"] >= 1
+    stopped = [r for r in rows.values() if r["status"] == "stopped early"]
+    assert stopped and all(int(r["epochs"]) < 3 for r in stopped)
+    assert best["best_trial"] in {rows[0.05]["trial_id"], rows[0.0]["trial_id"]}
+    # a stopped trial ends its trainer cleanly: no placement group or data actor is left behind
+    assert _wait_for_cpus(2.0) == 2.0
