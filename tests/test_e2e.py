@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import run_job
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import ROOT
 
 RAY = str(Path(sys.executable).parent / "ray")

@@ -76,19 +76,19 @@ def _conv_std(model) -> float:
 def test_init_schemes():
     torch.manual_seed(0)
     k = create_model("resnet18", init="kaiming")
-    w = k.layer1[0].conv1.weight  # 64 -> 64, 3x3: He fan-out normal, std sqrt(2 / (64*9))
+    w = k.layer1[0].conv1.weight.detach()  # 64 -> 64, 3x3: He fan-out normal, std sqrt(2 / (64*9))
     assert float(w.mean()) == pytest.approx(0.0, abs=0.005)
     assert float(w.std()) == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.05)
 
     x = create_model("resnet18", init="xavier")
-    w = x.layer1[0].conv1.weight  # Glorot uniform, bound sqrt(6 / (fan_in + fan_out))
+    w = x.layer1[0].conv1.weight.detach()  # Glorot uniform, bound sqrt(6 / (fan_in + fan_out))
     bound = math.sqrt(6 / (64 * 9 + 64 * 9))
     assert float(w.abs().max()) <= bound + 1e-6
     assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
     assert float(x.fc.bias.abs().max()) == 0.0
 
     d = create_model("resnet18", init="default")
-    w = d.layer1[0].conv1.weight  # torch's reset_parameters: kaiming_uniform(a=sqrt(5))
+    w = d.layer1[0].conv1.weight.detach()  # torch's reset_parameters: kaiming_uniform(a=sqrt(5))
     bound = 1 / math.sqrt(64 * 9)
     assert float(w.abs().max()) <= bound + 1e-6
     assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
