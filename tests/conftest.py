@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -80,3 +82,36 @@ def run_job(script: str, *args: str, env: dict | None = None, timeout: int = 600
         [sys.executable, str(ROOT / "jobs" / script), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now on every interface."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def kill_cluster(temp_dir: str) -> None:
+    """Stop only this cluster's processes: every one of them names its temp dir on the command
+    line (``ray stop`` would stop every cluster on the machine)."""
+    me = os.getpid()
+    victims = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != me and any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                victims.append(p)
+                victims.extend(p.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,46 +21,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, free_ports, kill_cluster
 
 RAY = str(Path(sys.executable).parent / "ray")
 LOCAL_YAML = ROOT / "cluster" / "local.yaml"
 IDLE_TIMEOUT_MIN = 0.5  # shorter than cluster/local.yaml's, to keep the test short
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _kill_cluster(temp_dir: str) -> None:
-    """Stop only this cluster's processes: every one of them names its temp dir on the command
-    line (``ray stop`` would stop every cluster on the machine)."""
-    me = os.getpid()
-    victims = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != me and any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                victims.append(p)
-                victims.extend(p.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=10)
 
 
 def _api(url: str, path: str, token: str | None) -> tuple[int, dict | None]:
@@ -95,7 +61,7 @@ def fake_cluster(tmp_path):
     import ray._private.services
 
     ip = ray._private.services.get_node_ip_address()
-    gcs, dash, client, agent = _free_ports(4)
+    gcs, dash, client, agent = free_ports(4)
     cfg = yaml.safe_load(LOCAL_YAML.read_text())
     cfg["provider"]["gcs_address"] = f"{ip}:{gcs}"
     cfg["idle_timeout_minutes"] = IDLE_TIMEOUT_MIN
@@ -125,7 +91,7 @@ def fake_cluster(tmp_path):
             time.sleep(1)
         yield url, env, token, cfg
     finally:
-        _kill_cluster(temp_dir)
+        kill_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

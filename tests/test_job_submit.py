@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,41 +14,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_ports, kill_cluster
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _kill_cluster(temp_dir: str) -> None:
-    """Stop only this cluster's processes (``ray stop`` would stop every cluster on the machine)."""
-    victims = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                victims.append(p)
-                victims.extend(p.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=10)
 
 
 @pytest.fixture
@@ -61,7 +29,7 @@ def head_node(tmp_path):
     token_file.write_text(token)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash, client, agent, agent_grpc, metrics, nm, om, rte = _free_ports(9)
+    gcs, dash, client, agent, agent_grpc, metrics, nm, om, rte = free_ports(9)
     cmd = [
         RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--node-ip-address=127.0.0.1",
@@ -77,7 +45,7 @@ def head_node(tmp_path):
         _wait_for_jobs_api(url, token)
         yield url, env, token
     finally:
-        _kill_cluster(temp_dir)
+        kill_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
