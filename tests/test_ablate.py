@@ -4,9 +4,12 @@ then the overfit check and a small component grid on the built-in dataset (Ray, 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import pathlib
 
 import pytest
+import torch
 from conftest import run_job
 
 from raypipe.config import ConfigError, load_config
@@ -119,6 +122,17 @@ def test_overfit_check_passes_on_builtin_data(ray_cluster, tmp_path):
     o = out["overfit"]
     assert o["passed"], o["diagnosis"]
     assert o["final_loss"] < o["threshold"] and o["losses"][-1] < o["losses"][0]
+    # the run behind it: the 16 images every epoch, no augmentation, no weight decay
+    summary = json.loads((tmp_path / "fit" / "overfit" / "summary.json").read_text())
+    losses = [h["train_loss"] for h in summary["history"]]
+    assert losses == pytest.approx(o["losses"]) and len(losses) == 10
+    assert all(h["train_samples"] == 16 for h in summary["history"])
+    assert summary["overfit_passed"] is True and summary["final_train_loss"] == pytest.approx(losses[-1])
+    meta = json.loads((pathlib.Path(summary["best_checkpoint"]) / "meta.json").read_text())
+    assert meta["config"]["augment"]["enabled"] is False
+    assert meta["config"]["train"]["overfit_subset"] == 16
+    ckpt = torch.load(f"{summary['best_checkpoint']}/model.pt", map_location="cpu", weights_only=True)
+    assert all(g["weight_decay"] == 0.0 for g in ckpt["optimizer"]["param_groups"])
 
 
 @pytest.mark.ray

@@ -165,28 +165,3 @@ def test_lr_1e6_run_is_stopped_by_the_doctor(ray_cluster, cache_dir, tmp_path):
         state = torch.load(c / "model.pt", map_location="cpu", weights_only=True)
         assert all(bool(torch.isfinite(v).all()) for v in state["model"].values()
                    if v.is_floating_point())
-
-
-@pytest.mark.slow
-def test_overfit_mode_drives_training_loss_down(ray_cluster, cache_dir, tmp_path):
-    from raypipe.cli import load
-    from raypipe.train.trainer import run_training
-
-    cfg = load(None, [
-        "train.overfit_subset=16", "train.epochs=6", "train.batch_size=16", "train.lr=0.001",
-        "train.optimizer=adam", "train.schedule=none", "train.warmup_epochs=0",
-        "train.overfit_loss=0.3", f"run.storage_path={tmp_path}", "run.name=overfit",
-    ])
-    summary = run_training(cfg)
-    losses = [h["train_loss"] for h in summary["history"]]
-    assert len(losses) == 6
-    assert all(h["train_samples"] == 8 for h in summary["history"])  # 16 images over 2 workers
-    assert losses[-1] < 0.5 * losses[0], losses
-    assert summary["final_train_loss"] == pytest.approx(losses[-1])
-    assert summary["overfit_passed"] is (losses[-1] < 0.3)
-    saved = json.loads((tmp_path / "overfit" / "summary.json").read_text())
-    assert saved["overfit_passed"] == summary["overfit_passed"]
-    # no augmentation and no weight decay in overfit mode
-    ckpt = torch.load(f"{summary['best_checkpoint']}/model.pt", map_location="cpu",
-                      weights_only=True)
-    assert all(g["weight_decay"] == 0.0 for g in ckpt["optimizer"]["param_groups"])

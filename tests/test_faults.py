@@ -121,25 +121,36 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoint_epoch*/model.pt"))
 
 
-@pytest.mark.slow
-def test_interrupted_run_keeps_its_results_and_resumes(ray_cluster, tmp_path: Path) -> None:
-    root = make_image_folder(tmp_path / "imgs", {"a": 8, "b": 8})
-    run_dir = tmp_path / "runs" / "resumable"
-    args = [f"data.root={root}", f"run.storage_path={tmp_path / 'runs'}", "run.name=resumable",
-            "train.epochs=6", "train.batch_size=8", "preprocess.image_size=16", "pipeline.blocks=2",
-            "augment.enabled=false", "run.tensorboard=false", "checkpoint.num_to_keep=4"]
-    env = {"RAY_ADDRESS": ray_cluster}
-    history = run_dir / "history.json"
+def _epochs_kept(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("checkpoint_epoch")) for p in run_dir.glob("checkpoint_epoch*"))
 
-    # 1. Ctrl-C after two epochs (by then epoch 0's checkpoint is surely registered: Ray Train
-    # commits a checkpoint asynchronously, so an interrupt right after the first report may lose it)
+
+@pytest.mark.slow
+def test_interrupted_run_keeps_its_results_resumes_and_keeps_the_best(ray_cluster, tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "imgs", {"a": 8, "b": 8})
+    storage = tmp_path / "runs"
+    args = [f"data.root={root}", f"run.storage_path={storage}", "train.epochs=6", "train.batch_size=8",
+            "preprocess.image_size=32", "pipeline.blocks=2", "augment.enabled=false",
+            "run.tensorboard=false", "checkpoint.metric=val_acc", "checkpoint.num_to_keep=1",
+            "train.amp=bf16", "train.channels_last=true",  # harmless on CPU
+            # four images per worker: keep the optimiser tame so the doctor never stops the run
+            "train.lr=0.01", "train.grad_clip=1.0"]
+    env = {"RAY_ADDRESS": ray_cluster}
+
+    # 1. an unnamed run (named <config>-<time>), Ctrl-C after two epochs (by then epoch 0's
+    # checkpoint is surely registered: Ray Train commits a checkpoint asynchronously)
     proc = _start(args, env)
+    deadline = time.monotonic() + 120
+    while not list(storage.glob("default-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    (run_dir,) = storage.glob("default-*")
+    history = run_dir / "history.json"
     _wait_for_epochs(proc, history, 2)
     rc, err = _interrupt(proc, signal.SIGINT)
     assert rc == 130, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("interrupted: checkpoints and summary"), err[-2000:]
     first = json.loads((run_dir / "summary.json").read_text())
-    assert first["status"] == "interrupted" and "run.name=resumable" in first["resume"]
+    assert first["status"] == "interrupted" and f"run.name={run_dir.name}" in first["resume"]
     assert 2 <= len(first["history"]) < 5
     assert first["data"]["files_found"] == first["data"]["files_used"] == 16
     epoch0 = first["history"][0]
@@ -147,8 +158,9 @@ def test_interrupted_run_keeps_its_results_and_resumes(ray_cluster, tmp_path: Pa
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         assert state["epoch"] < 6 and state["model"]
 
-    # 2. the same command resumes; stopped again with SIGTERM (as a scheduler would)
-    proc = _start(args, env)
+    # 2. the same command with --resume picks that run up; stopped again with SIGTERM (as a
+    # scheduler would)
+    proc = _start(["--resume", *args], env)
     _wait_for_epochs(proc, history, len(first["history"]) + 1)
     rc, err = _interrupt(proc, signal.SIGTERM)
     assert rc == 130, err[-3000:]
@@ -157,12 +169,42 @@ def test_interrupted_run_keeps_its_results_and_resumes(ray_cluster, tmp_path: Pa
     assert len(second["history"]) > len(first["history"])
     assert second["history"][0] == epoch0  # continued, not restarted
 
-    # 3. the same command finishes the run
-    proc = _start(args, env)
+    # 3. and once more finishes the run
+    proc = _start(["--resume", *args], env)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    final = json.loads((run_dir / "summary.json").read_text())
-    assert final["status"] == "finished"
-    assert [h["epoch"] for h in final["history"]] == [0, 1, 2, 3, 4, 5]
-    assert final["history"][0] == epoch0
-    assert len(_checkpoints(run_dir)) >= 1
+    assert f"run directory: {run_dir}" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4, 5]
+    assert history[0] == epoch0
+    assert list(storage.glob("default-*")) == [run_dir]  # no second run was started
+
+    # best by val_acc: num_to_keep=1 keeps the best (Ray also keeps the latest, to resume from)
+    acc = {h["epoch"]: h["val_acc"] for h in history}
+    assert summary["metric"] == "val_acc" and summary["mode"] == "max"
+    assert summary["best_value"] == max(acc.values())
+    assert acc[summary["best_epoch"]] == max(acc.values())
+    kept = _epochs_kept(run_dir)
+    assert summary["best_epoch"] in kept and 5 in kept and len(kept) <= 2
+    for e in set(acc) - set(kept):
+        assert acc[e] <= acc[summary["best_epoch"]], "a better checkpoint was deleted"
+
+    # a checkpoint holds everything needed to continue and to reproduce inputs
+    best = Path(summary["best_checkpoint"])
+    assert best.name == f"checkpoint_epoch{summary['best_epoch']:04d}"
+    state = torch.load(best / "model.pt", map_location="cpu", weights_only=True)
+    assert set(state) >= {"model", "optimizer", "scheduler", "epoch"}
+    assert state["epoch"] == summary["best_epoch"]
+    assert state["scheduler"]["epoch"] == summary["best_epoch"] + 1
+    meta = json.loads((best / "meta.json").read_text())
+    assert meta["class_names"] == ["a", "b"]
+    assert meta["preprocess"]["image_size"] == 32
+    assert meta["config"]["checkpoint"]["metric"] == "val_acc"
+    assert meta["config"]["train"]["amp"] == "bf16"
+
+    # once finished, running it again trains nothing more and reports the same best
+    again = run_training(load_config(None, [*args, f"run.name={run_dir.name}"]))
+    assert [h["epoch"] for h in again["history"]] == [0, 1, 2, 3, 4, 5]
+    assert again["best_value"] == summary["best_value"]

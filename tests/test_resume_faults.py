@@ -1,4 +1,5 @@
-"""Checkpoints, best-by-metric, resume of a stopped run, and a training worker killed mid-epoch."""
+"""A training worker killed mid-epoch restarts from the latest checkpoint.
+(Resume and best-by-metric checkpoints: tests/test_faults.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_job
+from conftest import ROOT
 
 # small and fast: 48 training images of 32 px, 3 steps of 16 per epoch
 SMALL = ["preprocess.image_size=32", "data.limit=48", "train.batch_size=16"]
@@ -28,61 +29,6 @@ def _history(run_dir: Path) -> list[dict]:
         return json.loads((run_dir / "history.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return []
-
-
-@pytest.mark.slow
-def test_resume_continues_from_latest_checkpoint_and_keeps_best_by_val_acc(
-        ray_cluster, cache_dir, tmp_path):
-    from raypipe.cli import load
-    from raypipe.train.trainer import run_training
-
-    common = SMALL + ["checkpoint.metric=val_acc", "checkpoint.num_to_keep=1",
-                      "train.amp=bf16", "train.channels_last=true",  # harmless on CPU
-                      f"run.storage_path={tmp_path}"]
-    name = "default-20200101-000000"  # the form the job gives unnamed runs, so --resume finds it
-    first = run_training(load(None, common + ["train.epochs=1", f"run.name={name}"]))
-    assert [h["epoch"] for h in first["history"]] == [0]
-    epoch0 = first["history"][0]
-
-    # the same command again with more epochs: --resume picks the latest run of this config
-    proc = run_job("train.py", "--resume", *common, "train.epochs=3",
-                   env={"RAY_ADDRESS": ray_cluster})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / name
-    assert f"run directory: {run_dir}" in proc.stdout
-    summary = json.loads((run_dir / "summary.json").read_text())
-    history = summary["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2]
-    assert history[0]["train_loss"] == epoch0["train_loss"], "epoch 0 was not trained again"
-    assert history[0]["val_acc"] == epoch0["val_acc"]
-
-    # best by val_acc: num_to_keep=1 keeps the best (Ray also keeps the latest, to resume from)
-    acc = {h["epoch"]: h["val_acc"] for h in history}
-    assert summary["metric"] == "val_acc" and summary["mode"] == "max"
-    assert summary["best_value"] == max(acc.values())
-    assert acc[summary["best_epoch"]] == max(acc.values())
-    kept = _epochs_kept(run_dir)
-    assert summary["best_epoch"] in kept and 2 in kept and len(kept) <= 2
-    for e in set(acc) - set(kept):
-        assert acc[e] <= acc[summary["best_epoch"]], "a better checkpoint was deleted"
-
-    # a checkpoint holds everything needed to continue and to reproduce inputs
-    best = Path(summary["best_checkpoint"])
-    assert best.name == f"checkpoint_epoch{summary['best_epoch']:04d}"
-    state = torch.load(best / "model.pt", map_location="cpu", weights_only=True)
-    assert set(state) >= {"model", "optimizer", "scheduler", "epoch"}
-    assert state["epoch"] == summary["best_epoch"]
-    assert state["scheduler"]["epoch"] == summary["best_epoch"] + 1
-    meta = json.loads((best / "meta.json").read_text())
-    assert meta["class_names"] == ["face", "not_face"]
-    assert meta["preprocess"]["image_size"] == 32
-    assert meta["config"]["checkpoint"]["metric"] == "val_acc"
-    assert meta["config"]["train"]["amp"] == "bf16"
-
-    # once finished, running it again trains nothing more and reports the same best
-    again = run_training(load(None, common + ["train.epochs=3", f"run.name={name}"]))
-    assert [h["epoch"] for h in again["history"]] == [0, 1, 2]
-    assert again["best_value"] == summary["best_value"]
 
 
 def _committed(run_dir: Path, epoch: int) -> bool:

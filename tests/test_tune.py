@@ -148,36 +148,7 @@ def _wait_for_cpus(expected: float, timeout: float = 60.0) -> float:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_grid_reports_every_trial_and_best_matches_table(ray_cluster, tmp_path):
-    from raypipe.tune.search import run_tune
-
-    spec = _spec(tmp_path, "grid", search="grid", scheduler={"type": "none"},
-                 space={"train.lr": [0.05, 0.01], "train.optimizer": ["sgd", "adam"]})
-    best = run_tune(None, SMALL, spec)
-    rows = _read_csv(tmp_path / "grid" / "results.csv")
-    assert len(rows) == 4 and best["trials"] == 4 and best["failed"] == 0
-    assert {(float(r["train.lr"]), r["train.optimizer"]) for r in rows} == {
-        (0.05, "sgd"), (0.05, "adam"), (0.01, "sgd"), (0.01, "adam")}
-    aucs = [float(r["best_val_auc"]) for r in rows]
-    assert all(0.0 <= a <= 1.0 for a in aucs) and all(r["status"] == "done" for r in rows)
-    assert aucs == sorted(aucs, reverse=True)  # sorted by the metric
-    assert best["best_trial"] == rows[0]["trial_id"]
-    assert math.isclose(best["best_value"], max(aucs), rel_tol=1e-3)
-    # the best config is a plain training config carrying the winning values
-    cfg = load_config(best["best_config"])
-    assert cfg.train.lr == float(rows[0]["train.lr"]) and cfg.train.optimizer == rows[0]["train.optimizer"]
-    assert cfg.run.name is None and cfg.train.epochs == 1
-    assert best["best_checkpoint"] and (tmp_path / "grid" / "runs" / rows[0]["trial_id"]).is_dir()
-
-    # an existing search name resumes: every trial is done, so nothing reruns and the table holds
-    again = run_tune(None, SMALL, spec)
-    assert again["best_trial"] == best["best_trial"] and again["trials"] == 4
-    assert _wait_for_cpus(2.0) == 2.0
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_asha_stops_a_bad_trial_and_a_diverging_trial_fails(ray_cluster, tmp_path):
+def test_grid_with_asha_stops_a_bad_trial_fails_a_diverging_one_and_resumes(ray_cluster, tmp_path):
     from raypipe.tune.search import run_tune
 
     # one trial at a time, in this order: the good trial sets the bar at the first rung, the
@@ -185,14 +156,37 @@ def test_asha_stops_a_bad_trial_and_a_diverging_trial_fails(ray_cluster, tmp_pat
     # stopped, the third diverges at once.
     spec = _spec(tmp_path, "asha", search="grid", max_concurrent_trials=1,
                  scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                 trial_overrides=["train.epochs=3"], space={"train.lr": [0.05, 0.0, 1.0e6]})
+                 trial_overrides=["train.epochs=3"],
+                 space={"train.lr": [0.05, 0.0, 1.0e6], "train.optimizer": ["sgd"]})
     best = run_tune(None, SMALL, spec)
-    rows = {float(r["train.lr"]): r for r in _read_csv(tmp_path / "asha" / "results.csv")}
+    table = _read_csv(tmp_path / "asha" / "results.csv")
+    assert len(table) == 3 and best["trials"] == 3
+    rows = {float(r["train.lr"]): r for r in table}
+    assert set(rows) == {0.05, 0.0, 1e6} and all(r["train.optimizer"] == "sgd" for r in table)
     assert rows[1e6]["status"] == "error"
     assert any(w in rows[1e6]["error"].lower() for w in ("diverged", "nan", "not finite"))
     assert best["failed"] == 1 and best["stopped_early"] >= 1
     stopped = [r for r in rows.values() if r["status"] == "stopped early"]
     assert stopped and all(int(r["epochs"]) < 3 for r in stopped)
+    assert rows[0.05]["status"] == "done" and int(rows[0.05]["epochs"]) == 3
+
+    # the table is sorted by the metric (trials with a value first) and the best is its top row
+    scored = [float(r["best_val_auc"]) for r in table if r["best_val_auc"] not in ("", "nan")]
+    assert scored and all(0.0 <= a <= 1.0 for a in scored) and scored == sorted(scored, reverse=True)
+    assert best["best_trial"] == table[0]["trial_id"]
     assert best["best_trial"] in {rows[0.05]["trial_id"], rows[0.0]["trial_id"]}
+    assert math.isclose(best["best_value"], scored[0], rel_tol=1e-3)
+    # the best config is a plain training config carrying the winning values, without the
+    # search-only trial overrides (a full run trains for the base config's epochs)
+    cfg = load_config(best["best_config"])
+    assert cfg.train.lr == float(table[0]["train.lr"]) and cfg.train.optimizer == "sgd"
+    assert cfg.run.name is None and cfg.train.epochs == 1
+    assert best["best_checkpoint"] and (tmp_path / "asha" / "runs" / table[0]["trial_id"]).is_dir()
     # a stopped trial ends its trainer cleanly: no placement group or data actor is left behind
+    assert _wait_for_cpus(2.0) == 2.0
+
+    # an existing search name resumes: every trial has ended, so nothing reruns and the table holds
+    again = run_tune(None, SMALL, spec)
+    assert again["best_trial"] == best["best_trial"] and again["trials"] == 3
+    assert again["failed"] == 1
     assert _wait_for_cpus(2.0) == 2.0
