@@ -21,7 +21,7 @@ from badfiles import (
     png_bomb,
     write_mixed_modes,
 )
-from conftest import make_image_folder, run_job
+from conftest import TAME, make_image_folder, run_job
 
 from raypipe.config import load_config
 from raypipe.data import pipeline
@@ -171,7 +171,7 @@ def test_fail_policy_stops_at_the_first_bad_file(ray_cluster, tmp_path: Path) ->
 def _job_args(root: Path, storage: Path, name: str, *extra: str) -> list[str]:
     return [f"data.root={root}", f"run.storage_path={storage}", f"run.name={name}",
             "train.epochs=1", "train.batch_size=8", "preprocess.image_size=32",
-            "pipeline.blocks=2", "augment.enabled=false", "run.tensorboard=false", *extra]
+            "pipeline.blocks=2", "augment.enabled=false", "run.tensorboard=false", *TAME, *extra]
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, TAME, make_image_folder
 
 from raypipe.config import load_config
 from raypipe.data.sources import DataSourceError, discover
@@ -132,9 +132,7 @@ def test_interrupted_run_keeps_its_results_resumes_and_keeps_the_best(ray_cluste
     args = [f"data.root={root}", f"run.storage_path={storage}", "train.epochs=6", "train.batch_size=8",
             "preprocess.image_size=32", "pipeline.blocks=2", "augment.enabled=false",
             "run.tensorboard=false", "checkpoint.metric=val_acc", "checkpoint.num_to_keep=1",
-            "train.amp=bf16", "train.channels_last=true",  # harmless on CPU
-            # four images per worker: keep the optimiser tame so the doctor never stops the run
-            "train.lr=0.01", "train.grad_clip=1.0"]
+            "train.amp=bf16", "train.channels_last=true", *TAME]  # amp, channels-last: harmless on CPU
     env = {"RAY_ADDRESS": ray_cluster}
 
     # 1. an unnamed run (named <config>-<time>), Ctrl-C after two epochs (by then epoch 0's

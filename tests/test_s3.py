@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_image_folder, run_job
+from conftest import TAME, make_image_folder, run_job
 
 BUCKET = "raypipe-test"
 # distinctive, so a leak into logs or output would be found by a plain substring search
@@ -188,7 +188,7 @@ def test_train_job_reads_and_writes_s3(s3, ray_cluster, cache_dir):
     proc = run_job(
         "train.py", f"data.root=s3://{BUCKET}/imgs", f"run.storage_path=s3://{BUCKET}/runs",
         "run.name=s3run", "train.epochs=1", "preprocess.image_size=32", "train.batch_size=8",
-        "train.num_workers=1",
+        "train.num_workers=1", *TAME,
         env={**env, "RAY_ADDRESS": ray_cluster}, timeout=300,
     )
     out = proc.stdout + proc.stderr
