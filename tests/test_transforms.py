@@ -143,10 +143,12 @@ def test_train_transform_with_morphology_takes_the_step_by_step_path():
 # ---------------------------------------------------------------- Ray Data: independence from actors
 
 
-def _run_pipeline(folder, cfg: Config, actors: int, batch_size: int, epoch: int) -> dict[int, np.ndarray]:
+def _run_pipeline(folder, cfg: Config, actors: int, batch_size: int, epoch: int,
+                  compute: str = "actors") -> dict[int, np.ndarray]:
     import ray
 
-    from raypipe.data.pipeline import BadFileLedger, EpochClock, ImageBatchProcessor
+    from raypipe.config import ActorPool
+    from raypipe.data.pipeline import BadFileLedger, EpochClock, _map
     from raypipe.data.sources import discover
 
     split = discover(cfg.data)
@@ -155,21 +157,17 @@ def _run_pipeline(folder, cfg: Config, actors: int, batch_size: int, epoch: int)
     ledger = BadFileLedger.remote(len(rows), 0.0, "fail")
     clock = EpochClock.remote()
     ray.get(clock.set.remote(epoch))
-    ds = ray.data.from_items(rows, override_num_blocks=4).map_batches(
-        ImageBatchProcessor,
-        fn_constructor_kwargs={"filesystem": split.filesystem, "cfg": cfg.to_dict(), "ledger": ledger,
-                               "clock": clock, "augment": True},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=0.5,
-    )
+    pool = ActorPool(min_actors=actors, max_actors=actors, cpus_per_actor=0.5, batch_size=batch_size,
+                     compute=compute)
+    ds = _map(ray.data.from_items(rows, override_num_blocks=4), pool,
+              {"filesystem": split.filesystem, "cfg": cfg.to_dict(), "ledger": ledger, "clock": clock,
+               "augment": True})
     return {int(r["label"]): np.asarray(r["image"]) for r in ds.take_all()}
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_augmented_samples_do_not_depend_on_actor_count_or_batch_size(ray_cluster, tmp_path):
+def test_augmented_samples_do_not_depend_on_actor_count_batch_size_or_compute(ray_cluster, tmp_path):
     folder = make_image_folder(tmp_path / "imgs", {"a": 5, "b": 5}, size=(30, 22))
     cfg = Config.model_validate({
         "data": {"root": str(folder)},
@@ -179,9 +177,11 @@ def test_augmented_samples_do_not_depend_on_actor_count_or_batch_size(ray_cluste
     })
     one = _run_pipeline(folder, cfg, actors=1, batch_size=3, epoch=1)
     two = _run_pipeline(folder, cfg, actors=2, batch_size=4, epoch=1)
-    assert sorted(one) == sorted(two) == list(range(10))
+    tasks = _run_pipeline(folder, cfg, actors=2, batch_size=5, epoch=1, compute="tasks")
+    assert sorted(one) == sorted(two) == sorted(tasks) == list(range(10))
     for k in one:
         assert one[k].shape == (3, 16, 16)
         np.testing.assert_array_equal(one[k], two[k])
+        np.testing.assert_array_equal(one[k], tasks[k])
     later = _run_pipeline(folder, cfg, actors=2, batch_size=4, epoch=2)
     assert all(not np.allclose(one[k], later[k]) for k in one)

@@ -40,6 +40,8 @@ def add_data_arguments(p: argparse.ArgumentParser, images: int = 512, image_size
     p.add_argument("--actors", type=int, default=actors, help="Ray Data actors (1 CPU each)")
     p.add_argument("--ray-data-batch", type=int, default=32, help="rows per map_batches call")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
+    p.add_argument("--compute", choices=["actors", "tasks"], default="actors",
+                   help="how the Ray Data stage runs (pipeline.train.compute)")
 
 
 def ensure_ray(args) -> None:
@@ -90,7 +92,7 @@ def bench_config(args, root: str, extra: list[str] = ()) -> Config:
         f"data.root={root}", f"preprocess.image_size={args.image_size}", f"preprocess.channels={channels}",
         "preprocess.normalize=divide255", "augment.enabled=true",
         f"pipeline.train={{min_actors: {args.actors}, max_actors: {args.actors}, cpus_per_actor: 1, "
-        f"batch_size: {args.ray_data_batch}}}",
+        f"batch_size: {args.ray_data_batch}, compute: {args.compute}}}",
         f"pipeline.blocks={max(8, 4 * args.actors)}", f"train.batch_size={args.batch_size}", *extra,
     ])
 

@@ -13,6 +13,7 @@ actor, and with ``data.on_bad_file=fail`` (or past ``data.max_bad_fraction``) th
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -153,15 +154,36 @@ def _records_dataset(records: list[Record], blocks: int, seed: int, shuffle: boo
     return ray.data.from_items(rows, override_num_blocks=n_blocks)
 
 
-def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict) -> ray.data.Dataset:
+_PROCESSORS: dict[str, ImageBatchProcessor] = {}
+
+
+def process_batch(batch: dict[str, np.ndarray], *, token: str, inference: bool = False,
+                  **kwargs) -> dict[str, np.ndarray]:
+    """Task form of :class:`ImageBatchProcessor` (or :class:`InferenceBatchProcessor`): one
+    processor per pipeline (``token``) is built once per worker process and reused by every
+    later task, epoch after epoch."""
+    proc = _PROCESSORS.get(token)
+    if proc is None:
+        while len(_PROCESSORS) >= 4:  # a worker serves few pipelines at a time; drop the oldest
+            _PROCESSORS.pop(next(iter(_PROCESSORS)))
+        cls = InferenceBatchProcessor if inference else ImageBatchProcessor
+        proc = _PROCESSORS[token] = cls(**kwargs)
+    return proc(batch)
+
+
+def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict, inference: bool = False) -> ray.data.Dataset:
+    """The file -> model-ready batch stage, on an actor pool or (``pool.compute=tasks``) on
+    stateless tasks that reuse Ray's worker processes across epochs (measured trade-off: no
+    per-epoch actor start-up, lower steady throughput; see the README's performance section)."""
+    common = {"batch_size": pool.batch_size, "batch_format": "numpy", "num_cpus": pool.cpus_per_actor}
+    if pool.compute == "tasks":
+        return ds.map_batches(process_batch, fn_kwargs={"token": uuid.uuid4().hex, "inference": inference,
+                                                        **kwargs},
+                              compute=ray.data.TaskPoolStrategy(size=pool.max_actors), **common)
     return ds.map_batches(
-        ImageBatchProcessor,
-        fn_constructor_kwargs=kwargs,
-        batch_size=pool.batch_size,
-        batch_format="numpy",
+        InferenceBatchProcessor if inference else ImageBatchProcessor, fn_constructor_kwargs=kwargs,
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        num_cpus=pool.cpus_per_actor,
-    )
+        **common)
 
 
 def build_datasets(
@@ -224,15 +246,8 @@ def build_inference_dataset(
     batches and returns the output rows. Labels of unlabeled files are -1."""
     ledger = BadFileLedger.remote(len(records), cfg.data.max_bad_fraction, cfg.data.on_bad_file)
     ds = _records_dataset(records, cfg.pipeline.blocks, cfg.train.seed, shuffle=False)
-    pool = cfg.pipeline.val
-    ds = ds.map_batches(
-        InferenceBatchProcessor,
-        fn_constructor_kwargs={"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger},
-        batch_size=pool.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        num_cpus=pool.cpus_per_actor,
-    )
+    ds = _map(ds, cfg.pipeline.val, {"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger},
+              inference=True)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.train.cpus_per_worker}
     ds = ds.map_batches(
         predictor,
