@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def spec_overrides(args: argparse.Namespace) -> list[str]:
     out = list(args.spec_overrides)
+    if args.search == "grid" and args.num_samples is None and not any(
+            o.startswith("num_samples=") for o in out):
+        out.append("num_samples=1")  # the spec's num_samples counts random draws; a grid runs once
     for key, value in (("name", args.name), ("search", args.search), ("num_samples", args.num_samples),
                        ("metric", args.metric), ("mode", args.mode)):
         if value is not None:

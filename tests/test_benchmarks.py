@@ -70,11 +70,12 @@ def test_scaling(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_train(ray_cluster, tmp_path):
     r = _run(tmp_path, "train", *TINY, "--samples", "8", "--tensor-size", "16", "--epochs", "1",
-             "--wait-images", "8", "--wait-image-size", "16")
+             "--wait-images", "8", "--wait-image-size", "16", "--wait-epochs", "1", "--compute", "tasks")
     assert len(r["plain_epoch_s"]) == len(r["ray_epoch_s"]) == 1
     _positive(r, "plain_wall_s", "ray_wall_s", "wait_images_per_s")
     assert r["overhead"] == pytest.approx(min(r["ray_epoch_s"]) / min(r["plain_epoch_s"]) - 1)
     assert r["wait_images"] == 8 and 0.0 <= r["data_wait_frac"] <= 1.0
+    assert r["data_wait_frac_per_epoch"] == [r["data_wait_frac"]] and r["wait_compute"] == "tasks"
 
 
 @pytest.mark.slow

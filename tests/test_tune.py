@@ -190,3 +190,19 @@ def test_grid_with_asha_stops_a_bad_trial_fails_a_diverging_one_and_resumes(ray_
     assert again["best_trial"] == best["best_trial"] and again["trials"] == 3
     assert again["failed"] == 1
     assert _wait_for_cpus(2.0) == 2.0
+
+
+def test_grid_from_the_command_line_runs_the_grid_once():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("tune_job", ROOT / "jobs" / "tune.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert "num_samples=1" in job.spec_overrides(job.parse_args(["--search", "grid"]))
+    explicit = job.spec_overrides(job.parse_args(["--search", "grid", "--num-samples", "3"]))
+    assert "num_samples=1" not in explicit and "num_samples=3" in explicit
+    assert job.spec_overrides(job.parse_args(["--search", "random"])) == ["search=random"]
+    tuned = load_tune_spec("tune.yaml", job.spec_overrides(job.parse_args(["--search", "grid"])))
+    assert tuned.num_samples == 1 and tuned.search == "grid"

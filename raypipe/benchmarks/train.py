@@ -89,13 +89,16 @@ def ray_train(spec: dict) -> tuple[list[float], float]:
 
 
 def data_wait(args) -> dict:
-    """One epoch of the real pipeline feeding the model through ``run_training``."""
+    """Epochs of the real pipeline feeding the model through ``run_training``. The headline is the
+    last epoch (what most epochs of a run look like); the first also holds the cluster's cold
+    start (worker processes, imports)."""
     from raypipe.data.sources import DatasetSplit, discover
     from raypipe.train.trainer import run_training
 
     storage = tempfile.mkdtemp(prefix="raypipe-bench-")
     cfg = bench_config(args, data_root(args), [
-        f"preprocess.image_size={args.wait_image_size}", f"model.name={args.model}", "train.epochs=1",
+        f"preprocess.image_size={args.wait_image_size}", f"model.name={args.model}",
+        f"train.epochs={args.wait_epochs}",
         "train.num_workers=1", f"train.cpus_per_worker={args.threads}", "train.use_gpu=false",
         "pipeline.val={min_actors: 1, max_actors: 1, cpus_per_actor: 1}",
         f"run.storage_path={storage}", "run.name=bench-wait", "run.tensorboard=false",
@@ -107,6 +110,8 @@ def data_wait(args) -> dict:
     last = summary["history"][-1]
     return {"wait_model": args.model, "wait_image_size": args.wait_image_size,
             "wait_images": last["train_samples"], "data_wait_frac": last["data_wait_frac"],
+            "data_wait_frac_per_epoch": [h["data_wait_frac"] for h in summary["history"]],
+            "wait_compute": args.compute,
             "wait_images_per_s": last["images_per_s"], "target_data_wait_frac_max": 0.05}
 
 
@@ -119,6 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the Ray worker")
     p.add_argument("--wait-image-size", type=int, default=128)
     p.add_argument("--wait-images", type=int, default=256)
+    p.add_argument("--wait-epochs", type=int, default=2, help="epochs of the data-wait run")
     p.add_argument("--skip-wait", action="store_true", help="only the overhead measurement")
 
 
