@@ -119,6 +119,9 @@ class PipelineConfig(_Section):
     val: ActorPool = ActorPool(min_actors=1, max_actors=1)
     blocks: int = Field(8, ge=1, description="how many blocks the file list is cut into")
     prefetch_batches: int = Field(2, ge=0)
+    prefetch_next_epoch: bool = Field(
+        True, description="start the next epoch's training pipeline (actor start-up, first batch) "
+        "while the current epoch validates and checkpoints")
 
 
 class ModelConfig(_Section):

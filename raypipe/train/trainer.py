@@ -70,6 +70,12 @@ def resolve_layout(cfg: Config, resources: dict[str, float]) -> Layout:
     return Layout(use_gpu, train_cpus, data_cpus, total_cpus, total_gpus)
 
 
+def both_pools_cpus(cfg: Config) -> float:
+    """CPUs of the smallest training and validation actor pools alive at the same time."""
+    p = cfg.pipeline
+    return p.train.min_actors * p.train.cpus_per_actor + p.val.min_actors * p.val.cpus_per_actor
+
+
 def cluster_capacity() -> dict[str, float]:
     """``ray.cluster_resources()`` raised to what the cluster's autoscaler can grow it to, so that
     a job on an autoscaling cluster that starts with zero workers is not refused up front."""
@@ -215,6 +221,7 @@ def build_trainer(
         "run_dir": run_dir_of(cfg),
         "clock": clock,
         "data": split.counts(),
+        "overlap_validation": layout.total_cpus + 1e-9 >= layout.train_cpus + both_pools_cpus(cfg),
     }
     resources = {"CPU": cfg.train.cpus_per_worker}
     if layout.use_gpu:

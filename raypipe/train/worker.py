@@ -3,10 +3,13 @@ reporting and checkpoints. The training arithmetic lives in :mod:`raypipe.train.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -90,6 +93,40 @@ def _restore(checkpoint, model, optimizer, scheduler, scaler) -> tuple[int, list
     return int(state["epoch"]) + 1, list(meta.get("history", []))
 
 
+class NextEpochBatches:
+    """The next epoch's training batches, started now in a background thread: Ray Data starts a
+    new execution (and new actors) for every epoch, which otherwise stalls the first step of each
+    epoch. The thread asks for the first batch while this epoch validates and checkpoints;
+    :meth:`batches` hands over that batch and the rest of the iterator."""
+
+    _END = object()
+
+    def __init__(self, make: Callable[[], Iterable[dict]]):
+        self._out: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._start, args=(make,), daemon=True,
+                                        name="raypipe-next-epoch")
+        self._thread.start()
+
+    def _start(self, make: Callable[[], Iterable[dict]]) -> None:
+        try:
+            it = iter(make())
+            self._out["first"], self._out["it"] = next(it, self._END), it
+        except BaseException as exc:  # handed to the training thread by batches()
+            self._out["error"] = exc
+
+    def batches(self) -> Iterator[dict]:
+        self._thread.join()
+        if "error" in self._out:
+            raise self._out["error"]
+        first, it = self._out["first"], self._out["it"]
+        return iter(()) if first is self._END else itertools.chain([first], it)
+
+
+def _barrier(world: int) -> None:
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def train_func(config: dict) -> None:
     """``train_loop_per_worker``. ``config``: {"cfg": resolved config dict, "meta": run facts}."""
     cfg = Config.model_validate(config["cfg"])
@@ -127,24 +164,40 @@ def train_func(config: dict) -> None:
     clock = facts.get("clock")
     tb = TensorBoardLogger(facts.get("run_dir"), enabled=cfg.run.tensorboard and rank == 0)
 
-    for epoch in range(start_epoch, t.epochs):
+    def train_batches(epoch: int) -> Iterable[dict]:
+        # the augmentation actors seed their draws with the epoch they read from the clock
         if clock is not None:
             ray.get(clock.set.remote(epoch))
+        return train_shard.iter_torch_batches(
+            batch_size=per_worker_batch, prefetch_batches=cfg.pipeline.prefetch_batches,
+            local_shuffle_buffer_size=per_worker_batch * 4 if t.overfit_subset is None else None,
+            local_shuffle_seed=t.seed * 1000 + epoch,
+        )
+
+    def start_next_epoch(epoch: int) -> NextEpochBatches:
+        # every worker is done with this epoch's batches before the clock moves on, so no sample
+        # of this epoch is drawn with the next epoch's seed
+        _barrier(world)
+        return NextEpochBatches(lambda: train_batches(epoch))
+
+    # the next epoch's actors may start during validation only where the cluster holds both
+    # actor pools at once (else they would take the CPUs the validation actors wait for)
+    overlap_validation = bool(facts.get("overlap_validation"))
+    upcoming: NextEpochBatches | None = None
+    for epoch in range(start_epoch, t.epochs):
         lr = scheduler.lr
+        batches = upcoming.batches() if upcoming is not None else train_batches(epoch)
+        upcoming = None
         try:
             stats = loop.train_one_epoch(
-                model,
-                tb.tap(train_shard.iter_torch_batches(
-                    batch_size=per_worker_batch, prefetch_batches=cfg.pipeline.prefetch_batches,
-                    local_shuffle_buffer_size=(
-                        per_worker_batch * 4 if t.overfit_subset is None else None),
-                    local_shuffle_seed=t.seed * 1000 + epoch,
-                )),
-                optimizer, loss_fn, device, doctor, epoch=epoch, grad_clip=t.grad_clip,
-                amp=t.amp, channels_last=t.channels_last, scaler=scaler,
+                model, tb.tap(batches), optimizer, loss_fn, device, doctor, epoch=epoch,
+                grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last, scaler=scaler,
             )
             _check_finite("a model weight or BatchNorm statistic",
                           _unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
+            prefetch = cfg.pipeline.prefetch_next_epoch and epoch + 1 < t.epochs
+            if prefetch and overlap_validation:
+                upcoming = start_next_epoch(epoch + 1)
             labels, logits = loop.predict(
                 _unwrap(model),
                 val_shard.iter_torch_batches(batch_size=per_worker_batch,
@@ -152,6 +205,8 @@ def train_func(config: dict) -> None:
                 device, amp=t.amp, channels_last=t.channels_last,
             )
             labels, logits = gather_predictions(labels, logits)
+            if prefetch and not overlap_validation:  # the validation actors are done: room now
+                upcoming = start_next_epoch(epoch + 1)
             _check_finite("the validation output", [torch.from_numpy(logits)], doctor, epoch,
                           stats, lr)
         except TrainingDiverged as exc:

@@ -146,9 +146,9 @@ def train_trial(params: dict[str, Any], job: SearchJob) -> None:
 
 def trial_cpus(cfg: Config) -> float:
     """CPUs one trial holds while it trains: its workers plus the smallest data actor pools."""
-    p = cfg.pipeline
-    return (cfg.train.num_workers * cfg.train.cpus_per_worker
-            + p.train.min_actors * p.train.cpus_per_actor + p.val.min_actors * p.val.cpus_per_actor)
+    from raypipe.train.trainer import both_pools_cpus
+
+    return cfg.train.num_workers * cfg.train.cpus_per_worker + both_pools_cpus(cfg)
 
 
 def max_concurrent_trials(cfgs: list[Config], resources: dict[str, float],
