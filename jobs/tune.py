@@ -9,6 +9,7 @@ trial's config (ready for ``jobs/train.py --config``) to ``<storage>/<search nam
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from raypipe.cli import fail, setup_logging
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                     retrain_best=args.retrain_best)
     print(best["table_markdown"])
     print(f"search directory: {best['search_dir']}")
-    print(f"trials: {best['trials']} ({best['failed']} failed, {best['stopped_early']} stopped early)")
+    print(f"trials: {best['trials']} ({best['failed']} failed, {best['stopped_early']} stopped early, "
+          f"{best.get('interrupted', 0)} interrupted)")
+    if best.get("interrupted"):
+        print(f"interrupted: run the same command again (same --name {os.path.basename(best['search_dir'])}) "
+              "to resume the unfinished trials.", file=sys.stderr)
     if "best_trial" not in best:
         print(f"error: no trial reported {best['metric']}; see the error column above.", file=sys.stderr)
         return 1
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         r = best["retrain"]
         print(f"retrained on the full data: {r['run_dir']}  best {r['metric']}={r['best_value']}  "
               f"checkpoint {r['best_checkpoint']}")
-    return 0
+    return 130 if best.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -206,3 +206,56 @@ def test_grid_from_the_command_line_runs_the_grid_once():
     assert job.spec_overrides(job.parse_args(["--search", "random"])) == ["search=random"]
     tuned = load_tune_spec("tune.yaml", job.spec_overrides(job.parse_args(["--search", "grid"])))
     assert tuned.num_samples == 1 and tuned.search == "grid"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_interrupted_mid_trial_resumes_and_counts_every_epoch(ray_cluster, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from raypipe.tune.search import run_tune
+
+    cli = ["--name", "irq", "--search", "grid", "--set", f"storage_path={tmp_path}", "--set", "subset=32",
+           "--set", "space={train.lr: [0.05, 0.01]}", "--set", "trial_overrides=[train.epochs=3]",
+           "--set", "scheduler={type: none}", "--set", "max_concurrent_trials=1", *SMALL]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "tune.py"), *cli], cwd=ROOT,
+                            env={**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def epochs_done() -> int:
+        n = 0
+        for h in (tmp_path / "irq" / "runs").glob("*/history.json"):
+            try:
+                n = max(n, len(json.loads(h.read_text())))
+            except ValueError:
+                pass
+        return n
+
+    deadline = time.monotonic() + 300
+    while epochs_done() < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of the first trial
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert "interrupted: run the same command again (same --name irq)" in err
+    first = _read_csv(tmp_path / "irq" / "results.csv")
+    assert [r["status"] for r in first] == ["interrupted"] and int(first[0]["epochs"]) < 3
+    interrupted = first[0]["trial_id"]
+
+    # the same search again: the interrupted trial continues from its checkpoint, the other runs
+    spec = _spec(tmp_path, "irq", search="grid", max_concurrent_trials=1, scheduler={"type": "none"},
+                 trial_overrides=["train.epochs=3"], space={"train.lr": [0.05, 0.01]})
+    best = run_tune(None, SMALL, spec)
+    rows = {r["trial_id"]: r for r in _read_csv(tmp_path / "irq" / "results.csv")}
+    assert len(rows) == 2 and best["interrupted"] == 0 and best["failed"] == 0
+    assert all(r["status"] == "done" and int(r["epochs"]) == 3 for r in rows.values())
+    history = json.loads((tmp_path / "irq" / "runs" / interrupted / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # epochs before the interrupt were kept
+    assert _wait_for_cpus(2.0) == 2.0

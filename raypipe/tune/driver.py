@@ -121,7 +121,7 @@ def train_trial(params: dict[str, Any], job: SearchJob) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raypipe.data.sources import discover, subset
-    from raypipe.train.trainer import RunError, run_training
+    from raypipe.train.trainer import RunError, run_dir_of, run_training
     from raypipe.tune.stopping import ScheduledStopCallback, is_scheduled_stop
 
     trial_id = tune.get_context().get_trial_id()
@@ -139,6 +139,7 @@ def train_trial(params: dict[str, Any], job: SearchJob) -> None:
         if not is_scheduled_stop(exc):
             raise
         log.info("trial %s stopped early by the scheduler", trial_id)
+        mark_stopped_early(run_dir_of(cfg))
 
 
 # ---------------------------------------------------------------- resources
@@ -274,15 +275,59 @@ def _trial_id(result) -> str:
     return base
 
 
-def trial_rows(grid, metric: str, mode: str, max_epochs: int) -> list[TrialRow]:
-    """One row per trial, best-first; errored trials last with their message."""
+STOPPED_EARLY = "stopped early"
+
+
+def mark_stopped_early(run_dir: str) -> None:
+    """Label a trial's run summary as stopped by the search scheduler (not failed)."""
+    from raypipe.data.sources import join_uri
+    from raypipe.train.trainer import _read_json, write_summary
+
+    summary = _read_json(join_uri(run_dir, "summary.json"))
+    if isinstance(summary, dict):
+        summary.update(status=STOPPED_EARLY, error=None)
+        write_summary(run_dir, summary)
+
+
+def _trial_run(runs_dir: str | None, trial_id: str) -> tuple[Any, str | None]:
+    """(the trial run's per-epoch history as a DataFrame or None, its summary status). A resumed
+    trial's Tune results hold only the epochs after the restore; its own history holds them all."""
+    if not runs_dir:
+        return None, None
+    import pandas as pd
+
+    from raypipe.data.sources import join_uri
+    from raypipe.train.trainer import _read_json
+
+    history = _read_json(join_uri(runs_dir, trial_id, "history.json"))
+    summary = _read_json(join_uri(runs_dir, trial_id, "summary.json"))
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if not isinstance(history, list) or not history:
+        return None, status
+    df = pd.DataFrame([{k: v for k, v in h.items() if not isinstance(v, list | dict)} for h in history])
+    df["checkpoint_path"] = [join_uri(runs_dir, trial_id, f"checkpoint_epoch{int(e):04d}")
+                             for e in df["epoch"]]
+    return df, status
+
+
+def trial_rows(grid, metric: str, mode: str, max_epochs: int, runs_dir: str | None = None) -> list[TrialRow]:
+    """One row per trial, best-first; errored trials last with their message. With ``runs_dir``
+    (``<search>/runs``) each trial's figures come from its own run history, so a trial resumed
+    after an interrupted search counts all its epochs; a trial that neither finished nor was
+    stopped by the scheduler is labelled ``interrupted``."""
     rows = []
     for result in grid:
         df = result.metrics_dataframe
+        run_df, run_status = _trial_run(runs_dir, _trial_id(result))
+        if run_df is not None and metric in run_df:
+            df = run_df
         best = best_epoch = loss = auc = ckpt = loss_min = None
         epochs = 0
         if df is not None and len(df) and metric in df:
-            epochs = int(df["training_iteration"].max()) if "training_iteration" in df else len(df)
+            if "epoch" in df:
+                epochs = int(df["epoch"].max()) + 1
+            else:
+                epochs = int(df["training_iteration"].max()) if "training_iteration" in df else len(df)
             values = df[metric].astype(float)
             if values.notna().any():
                 i = values.idxmax() if mode == "max" else values.idxmin()
@@ -294,7 +339,14 @@ def trial_rows(grid, metric: str, mode: str, max_epochs: int) -> list[TrialRow]:
                 ckpt = row.get("checkpoint_path") if isinstance(row.get("checkpoint_path"), str) else None
             if "val_loss" in df and df["val_loss"].astype(float).notna().any():
                 loss_min = float(df["val_loss"].astype(float).min())
-        status = "error" if result.error else ("stopped early" if epochs < max_epochs else "done")
+        if result.error:
+            status = "error"
+        elif epochs >= max_epochs:
+            status = "done"
+        elif runs_dir is None or run_status == STOPPED_EARLY:
+            status = STOPPED_EARLY
+        else:  # ended with the search (Ctrl-C): the same command resumes it
+            status = "interrupted"
         rows.append(TrialRow(_trial_id(result), status, dict(result.config or {}), best, best_epoch,
                              loss, auc, loss_min, epochs, ckpt, error_message(result.error)))
     sign = -1 if mode == "max" else 1
@@ -370,7 +422,8 @@ def write_search_outputs(job: SearchJob, rows: list[TrialRow], metric: str) -> d
     out: dict[str, Any] = {"search_dir": job.search_dir, "metric": metric, "mode": job.mode,
                            "table_markdown": md, "trials": len(rows),
                            "failed": sum(r.status == "error" for r in rows),
-                           "stopped_early": sum(r.status == "stopped early" for r in rows)}
+                           "stopped_early": sum(r.status == STOPPED_EARLY for r in rows),
+                           "interrupted": sum(r.status == "interrupted" for r in rows)}
     if best is not None:
         cfg = job.final_config(best.params)
         config_uri = join_uri(job.search_dir, "best_config.yaml")
