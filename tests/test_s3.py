@@ -7,11 +7,13 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TAME, make_image_folder, run_job
+from conftest import ROOT, TAME, make_image_folder, run_job
 
 BUCKET = "raypipe-test"
 # distinctive, so a leak into logs or output would be found by a plain substring search
@@ -236,3 +238,58 @@ def test_missing_results_bucket_fails_before_training(s3):
     assert "s3://missing-results/runs/x" in message
     assert "not found" in message.lower() or "does not exist" in message.lower()
     assert SECRET not in message
+
+
+# ---------------------------------------------------------------- storage gone mid-run
+
+
+@pytest.mark.slow
+def test_storage_gone_mid_run_is_a_clear_error_and_no_bad_files(ray_cluster, tmp_path):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    running = True
+    try:
+        host, port = server.get_host_and_port()
+        env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "raypipe-test-key",
+               "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=SECRET)
+        client.create_bucket(Bucket=BUCKET)
+        _upload_folder(client, make_image_folder(tmp_path / "imgs", {"cats": 12, "dogs": 12}), "imgs")
+        run_dir = tmp_path / "runs" / "gone"
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs" / "train.py"), f"data.root=s3://{BUCKET}/imgs",
+             f"run.storage_path={tmp_path / 'runs'}", "run.name=gone", "train.epochs=4",
+             "preprocess.image_size=32", "train.batch_size=8", "train.num_workers=1", *TAME],
+            cwd=ROOT, env={**os.environ, **env, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if json.loads((run_dir / "history.json").read_text()):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        server.stop()  # the object store goes away after the first epoch
+        running = False
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, out[-2000:] + err[-3000:]
+        assert time.monotonic() - t0 < 240  # bounded retries, not a hang
+        last = err.strip().splitlines()[-1]
+        expected = f"error: StorageUnreachableError: object storage unreachable while reading 's3://{BUCKET}/imgs/"
+        assert last.startswith(expected), err[-3000:]
+        assert "resume" in err and SECRET not in out + err
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "failed" and len(summary["history"]) >= 1
+        assert summary["data"]["files_skipped"] == 0  # the store was gone, the files were not bad
+        assert (run_dir / "checkpoint_epoch0000" / "model.pt").is_file()
+    finally:
+        if running:
+            server.stop()

@@ -23,7 +23,7 @@ import ray
 
 from raypipe.config import ActorPool, Config
 from raypipe.data.decode import DecodeError, decode_image, value_range
-from raypipe.data.sources import DatasetSplit, Record
+from raypipe.data.sources import DatasetSplit, Record, StorageUnreachableError, unreachable
 from raypipe.data.transforms import Augmenter, Preprocessor, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,14 @@ class ImageBatchProcessor:
         self.clock = clock
 
     def _load(self, path: str) -> np.ndarray:
-        with self.fs.open_input_file(path) as f:
-            data = f.read()
+        try:
+            with self.fs.open_input_file(path) as f:
+                data = f.read()
+        except OSError as exc:  # the store gone mid-run stops the run; a bad object is a bad file
+            gone = unreachable(exc, self.fs, path)
+            if gone is None:
+                raise
+            raise gone from None
         return decode_image(data, max_pixels=self.max_pixels, gray=self.gray, draft_size=self.draft)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -119,6 +125,8 @@ class ImageBatchProcessor:
         for path, label, key in zip(batch["path"], batch["label"], batch["key"], strict=True):
             try:
                 img = self._load(str(path))
+            except StorageUnreachableError:
+                raise
             except (DecodeError, OSError) as exc:
                 stop = ray.get(self.ledger.record.remote(str(key), str(exc)))
                 if stop:
@@ -216,6 +224,8 @@ class InferenceBatchProcessor(ImageBatchProcessor):
             try:
                 img = self._load(str(path))
                 x = self.pre(img, value_range(img))
+            except StorageUnreachableError:
+                raise
             except (DecodeError, OSError, ValueError) as exc:  # unreadable, or kernels refuse it
                 stop = ray.get(self.ledger.record.remote(str(key), str(exc)))
                 if stop:

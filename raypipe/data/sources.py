@@ -131,6 +131,29 @@ def _bucket_region(bucket: str) -> str:
         return "us-east-1"  # missing bucket or no network: the first real request says so
 
 
+S3_MAX_ATTEMPTS = 3
+# what pyarrow's S3 client says when the endpoint itself is gone (not when one object is bad)
+_UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connection refused",
+                "Could not resolve host", "Timeout was reached", "timed out")
+
+
+class StorageUnreachableError(OSError):
+    """Object storage stopped answering during a run (after the client's retries)."""
+
+
+def unreachable(exc: BaseException, fs: pafs.FileSystem, path: str) -> StorageUnreachableError | None:
+    """A :class:`StorageUnreachableError` naming ``path`` if ``exc`` is the object store being
+    unreachable (a network failure), else None (a bad or missing object is a bad file)."""
+    if not isinstance(fs, pafs.S3FileSystem) or not any(m in str(exc) for m in _UNREACHABLE):
+        return None
+    where = s3_endpoint() or "AWS S3"
+    return StorageUnreachableError(
+        f"object storage unreachable while reading 's3://{path}' (endpoint {where}), after "
+        f"{S3_MAX_ATTEMPTS} attempts with back-off: {exc}. Nothing is counted as a bad file. "
+        "Check the endpoint and the network, then re-run the same command (same run.name) to "
+        "resume from the last checkpoint.")
+
+
 def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
     endpoint = s3_endpoint()
     # short timeouts and few retries: an unreachable endpoint fails in seconds, not minutes
@@ -138,7 +161,7 @@ def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
         "region": _s3_region(bucket, endpoint),
         "connect_timeout": 5,
         "request_timeout": 30,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
     }
     if endpoint:
         scheme, _, host = endpoint.partition("://")

@@ -253,8 +253,8 @@ def build_trainer(
 
 
 # our own errors, most specific first: when one of them is anywhere in the failure, it is the story
-_OWN_ERRORS = ("TrainingDiverged", "BadFileError", "DataSourceError", "DecodeError", "ResourceError",
-               "RunError")
+_OWN_ERRORS = ("TrainingDiverged", "BadFileError", "StorageUnreachableError", "DataSourceError",
+               "DecodeError", "ResourceError", "RunError")
 # where a message ends and Ray's wrapping (tracebacks, retry advice) begins
 _MESSAGE_ENDS = ("\n\n", "\nTraceback", "\n  File ", "\nThe above exception", "\n(",
                  "\nray.exceptions.", "\nFailed to apply UDF")
