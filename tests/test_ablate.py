@@ -69,6 +69,9 @@ def test_overfit_verdict():
     flat = abl.overfit_verdict(_history([0.69, 0.70, 0.69, 0.69]), threshold=0.1, lr=0.0)
     assert not flat.passed and not flat.falling
     assert "flat" in flat.diagnosis and "learning rate is 0" in flat.diagnosis
+    # with lr 0 the loss still moves with the batches (BatchNorm statistics): never "overshoot"
+    noisy = abl.overfit_verdict(_history([0.69, 0.78, 0.74]), threshold=0.1, lr=0.0)
+    assert "flat" in noisy.diagnosis and "rose" not in noisy.diagnosis
     # the causes come in the course's order, architecture last
     pos = [flat.diagnosis.index(k) for k in ("activation", "learning rate not tuned", "SGD",
                                               "initialisation", "architecture")]

@@ -263,7 +263,8 @@ def diagnose(history: list[dict], threshold: float, lr: float, error: str | None
         first, last = finite[0], finite[-1]
         change = (first - last) / max(abs(first), 1e-12)
         trail = " -> ".join(f"{x:.3g}" for x in _sample(finite, 8))
-        if abs(change) < 0.05:
+        if abs(change) < 0.05 or lr == 0.0:
+            # with lr 0 only the batch composition (BatchNorm's batch statistics) moves the loss
             seen.append(f"the training loss is flat ({trail}): the weights are not learning")
         elif change < 0:
             seen.append(f"the training loss rose ({trail}): steps overshoot, the learning rate "
