@@ -23,7 +23,7 @@ import ray
 
 from raypipe.config import ActorPool, Config
 from raypipe.data.decode import DecodeError, decode_image, value_range
-from raypipe.data.sources import DatasetSplit, Record, StorageUnreachableError, unreachable
+from raypipe.data.sources import DatasetSplit, Record, unreachable
 from raypipe.data.transforms import Augmenter, Preprocessor, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,6 @@ class ImageBatchProcessor:
         for path, label, key in zip(batch["path"], batch["label"], batch["key"], strict=True):
             try:
                 img = self._load(str(path))
-            except StorageUnreachableError:
-                raise
             except (DecodeError, OSError) as exc:
                 stop = ray.get(self.ledger.record.remote(str(key), str(exc)))
                 if stop:
@@ -224,8 +222,6 @@ class InferenceBatchProcessor(ImageBatchProcessor):
             try:
                 img = self._load(str(path))
                 x = self.pre(img, value_range(img))
-            except StorageUnreachableError:
-                raise
             except (DecodeError, OSError, ValueError) as exc:  # unreadable, or kernels refuse it
                 stop = ray.get(self.ledger.record.remote(str(key), str(exc)))
                 if stop:

@@ -137,8 +137,9 @@ _UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connectio
                 "Could not resolve host", "Timeout was reached", "timed out")
 
 
-class StorageUnreachableError(OSError):
-    """Object storage stopped answering during a run (after the client's retries)."""
+class StorageUnreachableError(RuntimeError):
+    """Object storage stopped answering during a run (after the client's retries). Not an
+    ``OSError``: the readers' bad-file handling must not take it for one unreadable file."""
 
 
 def unreachable(exc: BaseException, fs: pafs.FileSystem, path: str) -> StorageUnreachableError | None:

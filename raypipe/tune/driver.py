@@ -63,6 +63,13 @@ class SearchJob:
 
         return join_uri(self.storage_path, self.name)
 
+    @property
+    def runs_dir(self) -> str:
+        """Where each trial's training run lives: ``<search dir>/runs/<trial id>``."""
+        from raypipe.data.sources import join_uri
+
+        return join_uri(self.search_dir, RUNS_DIR)
+
     def param_overrides(self, params: dict[str, Any]) -> list[str]:
         from raypipe.tune.space import trial_overrides
 
@@ -75,8 +82,6 @@ class SearchJob:
                            + ["run.name=null"])
 
     def trial_config(self, params: dict[str, Any], run_name: str) -> Config:
-        from raypipe.data.sources import join_uri
-
         extra = []
         if self.metric in CHECKPOINT_METRICS:  # keep the checkpoints the search ranks by
             extra = [f"checkpoint.metric={self.metric}", f"checkpoint.mode={self.mode}"]
@@ -84,7 +89,7 @@ class SearchJob:
 
         # quoted: YAML reads a trial id such as 68191_00001 as an integer
         run = [f"run.name={yaml_scalar(run_name)}",
-               f"run.storage_path={yaml_scalar(join_uri(self.search_dir, RUNS_DIR))}"]
+               f"run.storage_path={yaml_scalar(self.runs_dir)}"]
         return load_config(
             self.base_config,
             self.base_overrides + self.trial_overrides + extra + self.param_overrides(params) + run,

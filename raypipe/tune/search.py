@@ -87,7 +87,6 @@ def run_tune(config: str | None, overrides: list[str], spec: TuneSpec, *, full: 
              resume: bool = False, retrain_best: bool = False) -> dict[str, Any]:
     """Run (or resume) a search; returns ``best.json``'s content (plus the retrain summary)."""
     from raypipe.cli import init_ray, load
-    from raypipe.data.sources import join_uri
 
     base = load(config, overrides)
     storage = _storage(spec.storage_path, base)
@@ -105,8 +104,7 @@ def run_tune(config: str | None, overrides: list[str], spec: TuneSpec, *, full: 
                             concurrency=_concurrency(cfgs, spec.max_concurrent_trials),
                             scheduler=scheduler, search_alg=search_alg, resume=resume or bool(spec.name))
     grid = tuner.fit()
-    rows = drv.trial_rows(grid, spec.metric, spec.mode, max_epochs=epochs,
-                          runs_dir=join_uri(job.search_dir, drv.RUNS_DIR))
+    rows = drv.trial_rows(grid, spec.metric, spec.mode, max_epochs=epochs, runs_dir=job.runs_dir)
     best = drv.write_search_outputs(job, rows, spec.metric)
     if retrain_best and best.get("interrupted"):
         log.warning("the search was interrupted: not retraining the best trial until it has finished")
@@ -203,7 +201,7 @@ def _run_grid(job: drv.SearchJob, spec: abl.AblationSpec, variants: dict, cfgs: 
     tuner = drv.build_tuner(job, space, num_samples=1,
                             concurrency=_concurrency(cfgs, spec.max_concurrent_trials), resume=resume)
     rows = drv.trial_rows(tuner.fit(), job.metric, job.mode, max_epochs=cfgs[0].train.epochs,
-                          runs_dir=join_uri(job.search_dir, drv.RUNS_DIR))
+                          runs_dir=job.runs_dir)
     header, records = drv.table_records(rows, job.metric)
     drv.write_text(join_uri(job.search_dir, "trials.csv"), drv.to_csv(header, records))
     header, table = abl.summarise(rows, list(variants))
