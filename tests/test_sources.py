@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import make_image_folder
 
 from raypipe.config import load_config
@@ -117,3 +118,19 @@ def test_shared_flowers_sample(shared_data: Path) -> None:
     split = _discover(f"data.root={root}", "data.class_names=[daisy, roses]")
     assert split.class_names == ["daisy", "roses"]
     assert min(split.counts()["val"].values()) >= 1
+
+
+@pytest.mark.parametrize("n, blocks, block_rows, want", [
+    (1000, 8, 100, 10),   # cut by size: ceil(1000 / 100)
+    (1000, 8, 128, 8),    # ceil(1000 / 128) = 8
+    (100, 8, 128, 8),     # at least `blocks`
+    (5, 8, 128, 5),       # never an empty block
+])
+def test_file_list_is_cut_into_blocks_of_at_most_block_rows(ray_cluster, n, blocks, block_rows, want):
+    from raypipe.data.pipeline import _records_dataset
+
+    cfg = load_config(None, [f"pipeline.blocks={blocks}", f"pipeline.block_rows={block_rows}"])
+    records = [Record(f"/x/{i}.png", i % 2, f"k{i}") for i in range(n)]
+    ds = _records_dataset(records, cfg, shuffle=True)
+    assert ds.num_blocks() == want
+    assert sorted(ds.to_pandas()["key"]) == sorted(r.key for r in records)

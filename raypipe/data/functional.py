@@ -9,12 +9,18 @@ finite input (constant images included). Values stay in the image's own range (0
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import numpy as np
-from skimage import exposure, filters, morphology, transform
 
 EPS = 1e-6
+
+
+def _skimage(name: str):
+    """A scikit-image submodule, imported on first use: the fused resize/augment path needs none,
+    and importing them (with SciPy) costs every fresh data actor about half a second per epoch."""
+    return importlib.import_module(f"skimage.{name}")
 
 
 # ---------------------------------------------------------------- geometry
@@ -259,7 +265,7 @@ def _split(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def rotate(img: np.ndarray, degrees: float) -> np.ndarray:
     """Reference single-op rotation about the centre (skimage), float32 out."""
-    return transform.rotate(
+    return _skimage("transform").rotate(
         img.astype(np.float32, copy=False), degrees, order=1, mode="constant", preserve_range=True
     ).astype(np.float32, copy=False)
 
@@ -308,30 +314,24 @@ def threshold_otsu(img: np.ndarray) -> np.ndarray:
     lo, hi = float(img.min()), float(img.max())
     if hi - lo <= EPS * max(1.0, abs(hi)):
         return np.zeros(img.shape, bool)
-    return img > filters.threshold_otsu(img)
+    return img > _skimage("filters").threshold_otsu(img)
 
 
 @functools.lru_cache(maxsize=32)
 def disk(radius: int) -> np.ndarray:
     """The course's structuring element: ``skimage.morphology.disk(radius)``."""
-    return morphology.disk(radius)
+    return _skimage("morphology").disk(radius)
 
 
-_MORPH = {
-    "erosion": morphology.erosion,
-    "dilation": morphology.dilation,
-    "opening": morphology.opening,
-    "closing": morphology.closing,
-}
+_MORPH = ("erosion", "dilation", "opening", "closing")
 
 
 def morph(img: np.ndarray, op: str, radius: int = 3) -> np.ndarray:
     """Erosion / dilation / opening / closing with ``disk(radius)`` on a binary (bool) or
     grayscale HW image. Binary in -> bool out; grayscale in -> float32 out."""
-    try:
-        fn = _MORPH[op]
-    except KeyError:
-        raise ValueError(f"unknown morphology '{op}', expected one of {list(_MORPH)}") from None
+    if op not in _MORPH:
+        raise ValueError(f"unknown morphology '{op}', expected one of {list(_MORPH)}")
+    fn = getattr(_skimage("morphology"), op)
     out = fn(img, footprint=disk(radius))
     return out if img.dtype == bool else out.astype(np.float32, copy=False)
 
@@ -403,7 +403,7 @@ def standardize(img: np.ndarray, mean: list[float], std: list[float]) -> np.ndar
 
 def equalize_adapthist(img: np.ndarray) -> np.ndarray:
     """CLAHE (``skimage.exposure.equalize_adapthist``) on a [0, 1] HW/HWC float image."""
-    return exposure.equalize_adapthist(np.clip(img, 0.0, 1.0)).astype(np.float32, copy=False)
+    return _skimage("exposure").equalize_adapthist(np.clip(img, 0.0, 1.0)).astype(np.float32, copy=False)
 
 
 def adjust_brightness_contrast(

@@ -151,12 +151,13 @@ class ImageBatchProcessor:
         }
 
 
-def _records_dataset(records: list[Record], blocks: int, seed: int, shuffle: bool) -> ray.data.Dataset:
+def _records_dataset(records: list[Record], cfg: Config, shuffle: bool) -> ray.data.Dataset:
     rows = [{"path": r.path, "label": r.label, "key": r.key} for r in records]
     if shuffle:  # one seeded shuffle of the file list; block order is re-randomised each epoch
-        order = np.random.default_rng(seed).permutation(len(rows))
+        order = np.random.default_rng(cfg.train.seed).permutation(len(rows))
         rows = [rows[i] for i in order]
-    n_blocks = max(1, min(blocks, len(rows)))
+    n_blocks = max(cfg.pipeline.blocks, -(-len(rows) // cfg.pipeline.block_rows))
+    n_blocks = max(1, min(n_blocks, len(rows)))
     return ray.data.from_items(rows, override_num_blocks=n_blocks)
 
 
@@ -204,10 +205,10 @@ def build_datasets(
     conf = cfg.to_dict()
     augment = cfg.augment.enabled and cfg.train.overfit_subset is None
     base = {"filesystem": split.filesystem, "cfg": conf, "ledger": ledger}
-    train = _records_dataset(train_records, cfg.pipeline.blocks, cfg.train.seed, shuffle=True)
+    train = _records_dataset(train_records, cfg, shuffle=True)
     train = _map(train.randomize_block_order(), cfg.pipeline.train,
                  {**base, "clock": clock, "augment": augment})
-    val = _records_dataset(split.val, cfg.pipeline.blocks, cfg.train.seed, shuffle=False)
+    val = _records_dataset(split.val, cfg, shuffle=False)
     val = _map(val, cfg.pipeline.val, base)
     return train, val, ledger, clock
 
@@ -251,7 +252,7 @@ def build_inference_dataset(
     ``use_gpu``). ``predictor(**predictor_kwargs)`` is called on ``{image, label, path, key}``
     batches and returns the output rows. Labels of unlabeled files are -1."""
     ledger = BadFileLedger.remote(len(records), cfg.data.max_bad_fraction, cfg.data.on_bad_file)
-    ds = _records_dataset(records, cfg.pipeline.blocks, cfg.train.seed, shuffle=False)
+    ds = _records_dataset(records, cfg, shuffle=False)
     ds = _map(ds, cfg.pipeline.val, {"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger},
               inference=True)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.train.cpus_per_worker}
