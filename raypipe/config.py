@@ -87,6 +87,9 @@ class AugmentConfig(_Section):
     contrast: float = Field(0.1, ge=0.0, le=1.0)
     gamma: float = Field(0.0, ge=0.0, le=1.0)
     noise_std: float = Field(0.0, ge=0.0, le=1.0)
+    tta: Literal["none", "hflip"] = Field(
+        "none", description="test-time augmentation for validation and the evaluate job: hflip "
+        "averages the logits of each image and its mirror image (whether or not training augments)")
 
     @model_validator(mode="after")
     def _check(self) -> AugmentConfig:
@@ -117,7 +120,11 @@ class ActorPool(_Section):
 class PipelineConfig(_Section):
     train: ActorPool = ActorPool()
     val: ActorPool = ActorPool(min_actors=1, max_actors=1)
-    blocks: int = Field(8, ge=1, description="how many blocks the file list is cut into")
+    blocks: int = Field(8, ge=1, description="the file list is cut into at least this many blocks")
+    block_rows: int = Field(
+        128, ge=1, description="and into blocks of at most this many files: a data actor hands "
+        "on its output when a block is done, so smaller blocks mean an earlier first batch, less "
+        "memory in flight and work for every actor of a large pool")
     prefetch_batches: int = Field(2, ge=0)
     prefetch_next_epoch: bool = Field(
         True, description="start the next epoch's training pipeline (actor start-up, first batch) "
@@ -157,6 +164,12 @@ class TrainConfig(_Section):
     focal_gamma: float = Field(2.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(None, gt=0.0)
+    mixup_alpha: float = Field(
+        0.0, ge=0.0, description="mixup: train on convex mixes of image pairs (and their losses), "
+        "mixing weight ~ Beta(alpha, alpha); 0 = off")
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0, description="validate, checkpoint and evaluate an exponential moving "
+        "average of the weights (and BatchNorm statistics), updated every step with this decay")
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     seed: int = 0

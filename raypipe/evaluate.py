@@ -102,7 +102,7 @@ class Predictor:
     probs (N, K) float32}."""
 
     def __init__(self, model_spec: dict, state: dict, use_gpu: bool = False, amp: str = "none",
-                 threads: int = 1):
+                 threads: int = 1, tta: str = "none"):
         import torch
 
         from raypipe.models.resnet import create_model
@@ -114,18 +114,19 @@ class Predictor:
         self.model.load_state_dict(state)
         self.model.to(self.device).eval()
         self.amp = amp
+        self.tta = tta
         self.num_classes = int(model_spec["num_classes"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from raypipe.train.loop import autocast_context
+        from raypipe.train.loop import autocast_context, forward_eval
 
         x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
         probs = np.zeros((0, self.num_classes), np.float32)
         if len(x):
             with torch.no_grad(), autocast_context(self.device, self.amp):
-                probs = torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
+                probs = torch.softmax(forward_eval(self.model, x, self.tta).float(), dim=1).cpu().numpy()
         return {"path": batch["path"], "key": batch["key"], "label": batch["label"],
                 "probs": probs.astype(np.float32)}
 
@@ -207,7 +208,8 @@ def predict(meta: dict, state: dict, data: EvalData, use_gpu: bool | None = None
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     kwargs = {"model_spec": meta["model"], "state": state, "use_gpu": use_gpu,
-              "amp": cfg.train.amp, "threads": max(1, int(cfg.train.cpus_per_worker))}
+              "amp": cfg.train.amp, "threads": max(1, int(cfg.train.cpus_per_worker)),
+              "tta": cfg.augment.tta}
     ds, ledger = build_inference_dataset(cfg, data.records, data.filesystem, Predictor, kwargs,
                                          use_gpu=use_gpu)
     try:

@@ -53,6 +53,14 @@ def test_job_evaluates_the_validation_split(run, ray_cluster, tmp_path):
     assert m["loss"] == pytest.approx(skm.log_loss(y, table[["score_face", "score_not_face"]].to_numpy(),
                                                      labels=[0, 1]), rel=1e-6)
     assert m["youden_point"]["j"] >= m["chosen_point"]["tpr"] - m["chosen_point"]["fpr"] - 1e-9
+    # the job scores exactly the model training validated: the moving average with mirror-image
+    # TTA, and with rank 0's BatchNorm statistics on both workers
+    assert m["auc"] == pytest.approx(summary["best_metrics"]["val_auc"], abs=0.01)
+    assert m["loss"] == pytest.approx(summary["best_metrics"]["val_loss"], rel=1e-4)
+    import torch
+    state = torch.load(Path(summary["best_checkpoint"]) / "model.pt", weights_only=True)
+    assert state["ema_steps"] > 0
+    assert not torch.equal(state["model"]["fc.weight"], state["train_model"]["fc.weight"])
     for name in ("roc.png", "pr.png", "confusion.png"):
         assert_png(out / name)
     assert "results:" in proc.stdout

@@ -214,3 +214,72 @@ def test_auc_gathered_across_two_workers_with_uneven_shards_equals_sklearn(ray_c
                          else skm.roc_auc_score(y[lo:hi], probs[lo:hi], multi_class="ovr")
                          for lo, hi in bounds]
             assert abs(np.mean(per_shard) - expected) > 1e-4, case
+
+
+def test_hflip_tta_averages_the_logits_of_each_image_and_its_mirror():
+    from raypipe.train.loop import forward_eval, predict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 5, 2))
+    x = torch.rand(6, 3, 4, 5)
+    with torch.no_grad():
+        want = (model(x) + model(torch.flip(x, [-1]))) / 2
+        assert torch.allclose(forward_eval(model, x, "hflip"), want)
+        assert torch.allclose(forward_eval(model, x, "none"), model(x))
+        # a left-right asymmetric image gives different plain logits, so the test can fail
+        assert not torch.allclose(model(x), want)
+    batches = [{"image": x[:4], "label": torch.tensor([0, 1, 0, 1])},
+               {"image": x[4:], "label": torch.tensor([1, 1])}]
+    labels, logits = predict(model, batches, torch.device("cpu"), tta="hflip")
+    assert labels.tolist() == [0, 1, 0, 1, 1, 1]
+    np.testing.assert_allclose(logits, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_mixup_loss_mixes_images_and_losses_with_the_same_weight():
+    from raypipe.train.loop import mixup_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    x, y = torch.rand(5, 3, 2, 2), torch.tensor([0, 1, 1, 0, 1])
+    loss_fn = build_loss("weighted_ce", [0.7, 1.3])
+    torch.manual_seed(1)
+    got = mixup_loss(model, x, y, loss_fn, alpha=0.4)
+    torch.manual_seed(1)  # the same draws, by hand
+    lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+    perm = torch.randperm(5)
+    out = model(lam * x + (1 - lam) * x[perm])
+    want = lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y[perm])
+    assert torch.allclose(got, want)
+    assert 0 < lam < 1 and not torch.allclose(got, loss_fn(model(x), y))
+
+
+def _buffers_after_sharing(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from raypipe.train.worker import _share_rank0_buffers
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(rank)
+    bn = torch.nn.BatchNorm1d(3)
+    bn.train()(torch.randn(8, 3) * (rank + 1))  # each worker's own running statistics
+    _share_rank0_buffers(bn)
+    torch.save({k: v for k, v in bn.state_dict().items()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_worker_validates_with_rank0_batchnorm_statistics(tmp_path):
+    """DDP keeps weights equal but not BatchNorm statistics; before validation every worker takes
+    rank 0's, so all of them score the model the checkpoint holds."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_buffers_after_sharing, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    assert not torch.equal(r0["running_mean"], torch.zeros(3))  # rank 0 did move its statistics

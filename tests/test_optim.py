@@ -181,3 +181,61 @@ def test_sgd_nesterov():
 def test_unknown_optimizer_is_a_config_error():
     with pytest.raises(ConfigError, match="train.optimizer"):
         load_config(None, ["train.optimizer=lamb"])
+
+
+def test_weight_average_follows_the_ramped_decay_and_copies_integer_buffers():
+    from raypipe.train.loop import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightAverage(model, decay=0.5)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        model.train()(torch.randn(5, 3))  # moves the BatchNorm statistics and its step counter
+        ema.update(model)
+        d = min(0.5, (1 + t) / (10 + t))
+        for k, v in model.state_dict().items():
+            want[k] = v.clone() if not v.dtype.is_floating_point else d * want[k] + (1 - d) * v
+    got = ema.module.state_dict()
+    for k in want:
+        assert torch.allclose(got[k].float(), want[k].float()), k
+    assert int(got["1.num_batches_tracked"]) == 4 and ema.steps == 4
+    assert not torch.allclose(got["0.weight"], model.state_dict()["0.weight"])
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_checkpoint_with_weight_average_keeps_both_and_resumes_both(tmp_path):
+    import ray.train
+
+    from raypipe.config import Config
+    from raypipe.train.loop import WeightAverage
+    from raypipe.train.worker import _restore, save_checkpoint
+
+    torch.manual_seed(0)
+    t = TrainConfig(epochs=3)
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model.parameters(), t)
+    sched_ = EpochScheduler(opt, t)
+    ema = WeightAverage(model, 0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+    save_checkpoint(str(tmp_path), model, opt, sched_, None, 1, {"history": [{"epoch": 1}]}, ema)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    # "model" is what was validated (and what the evaluate job loads): the average
+    assert torch.equal(state["model"]["weight"], ema.module.weight)
+    assert torch.equal(state["train_model"]["weight"], model.weight)
+
+    fresh, fresh_ema = torch.nn.Linear(3, 2), None
+    fresh_opt = build_optimizer(fresh.parameters(), t)
+    fresh_ema = WeightAverage(fresh, 0.9)
+    start, history = _restore(ray.train.Checkpoint.from_directory(str(tmp_path)), fresh, fresh_opt,
+                              EpochScheduler(fresh_opt, t), None, fresh_ema)
+    assert start == 2 and history == [{"epoch": 1}]
+    assert torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_ema.module.weight, ema.module.weight) and fresh_ema.steps == 3
+    assert Config.model_validate({"train": {"ema_decay": 0.99}}).train.ema_decay == 0.99

@@ -16,7 +16,7 @@ _RUN: dict = {}
 
 
 def trained_run(tmp_path_factory, cache_dir) -> tuple:
-    """(config, summary) of one 1-epoch, 32 px run on the built-in dataset, trained once per test
+    """(config, summary) of one 1-epoch, 32 px, 2-worker run on the built-in dataset, trained once per test
     session and shared by the report and evaluation tests."""
     if "run" not in _RUN:
         from raypipe.config import load_config
@@ -24,7 +24,10 @@ def trained_run(tmp_path_factory, cache_dir) -> tuple:
 
         storage = tmp_path_factory.mktemp("runs")
         cfg = load_config(None, [
-            "train.epochs=1", "preprocess.image_size=32", "train.num_workers=1",
+            "train.epochs=1", "preprocess.image_size=32", "train.num_workers=2",
+            # two workers, weight averaging and mirror-image TTA, so that the evaluation tests
+            # check that the job scores exactly the model training validated
+            "train.ema_decay=0.9", "augment.tta=hflip",
             f"run.storage_path={storage}", "run.name=tiny", "data.cache_dir=" + str(cache_dir),
         ])
         _RUN["run"] = (cfg, run_training(cfg))

@@ -7,6 +7,7 @@ tests (fed by a list of tensors).
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterable
 
@@ -31,6 +32,53 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool):
     if channels_last and device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, batch["label"].to(device, non_blocking=True).long()
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights and BatchNorm statistics, updated after
+    every optimiser step. The decay ramps up as ``min(decay, (1 + t) / (10 + t))`` so the first
+    steps are not held back by the random initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(_plain(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.steps = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        now_state = _plain(model).state_dict()
+        for avg, now in zip(self.module.state_dict().values(), now_state.values(), strict=True):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(now.detach(), 1.0 - d)
+            else:  # e.g. BatchNorm's num_batches_tracked
+                avg.copy_(now)
+        self.steps += 1
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def mixup_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+               alpha: float) -> torch.Tensor:
+    """Mixup (Zhang et al., 2018): train on ``lam * x + (1 - lam) * x[perm]`` with the loss mixed
+    the same way, ``lam ~ Beta(alpha, alpha)``; works with any of the loss functions (weighted,
+    focal, smoothed)."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(y), device=y.device)
+    out = model(lam * x + (1 - lam) * x[perm])
+    return lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y[perm])
+
+
+def forward_eval(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Logits for evaluation; ``tta="hflip"`` averages them with the mirror image's logits."""
+    out = model(x)
+    if tta == "hflip":
+        out = (out + model(torch.flip(x, dims=[-1]))) / 2
+    return out
 
 
 def _check_all_workers(doctor: GradientDoctor, loss: float, grad_norm: float,
@@ -61,9 +109,12 @@ def train_one_epoch(
     amp: str = "none",
     channels_last: bool = False,
     scaler: torch.amp.GradScaler | None = None,
+    ema: WeightAverage | None = None,
+    mixup_alpha: float = 0.0,
 ) -> dict:
-    """One pass over ``batches``. Returns loss (sample-weighted mean), sample count, steps,
-    images/s, data-wait fraction and gradient-norm statistics."""
+    """One pass over ``batches`` (updating ``ema`` after every step). Returns loss
+    (sample-weighted mean), sample count, steps, images/s, data-wait fraction and gradient-norm
+    statistics."""
     model.train()
     doctor.start_epoch()
     lr = float(optimizer.param_groups[0]["lr"])
@@ -80,7 +131,10 @@ def train_one_epoch(
             continue
         optimizer.zero_grad(set_to_none=True)
         with autocast_context(device, amp):
-            loss = loss_fn(model(x), y)
+            if mixup_alpha > 0:
+                loss = mixup_loss(model, x, y, loss_fn, mixup_alpha)
+            else:
+                loss = loss_fn(model(x), y)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -96,6 +150,8 @@ def train_one_epoch(
             scaler.update()
         else:
             optimizer.step()
+        if ema is not None:
+            ema.update(model)
         total_loss += loss_value * len(y)
         n += len(y)
         steps += 1
@@ -115,9 +171,10 @@ def train_one_epoch(
 @torch.no_grad()
 def predict(
     model: nn.Module, batches: Iterable[dict], device: torch.device, amp: str = "none",
-    channels_last: bool = False,
+    channels_last: bool = False, tta: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (N,), logits (N, K)) float32 for every sample in ``batches``."""
+    """(labels (N,), logits (N, K)) float32 for every sample in ``batches``; ``tta`` as in
+    :func:`forward_eval`."""
     model.eval()
     labels, logits = [], []
     for batch in batches:
@@ -125,7 +182,7 @@ def predict(
         if len(y) == 0:
             continue
         with autocast_context(device, amp):
-            out = model(x)
+            out = forward_eval(model, x, tta)
         logits.append(out.float().cpu().numpy())
         labels.append(y.cpu().numpy())
     if not labels:

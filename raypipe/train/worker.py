@@ -58,16 +58,21 @@ def epoch_metrics(
 
 
 def save_checkpoint(
-    directory: str, model, optimizer, scheduler, scaler, epoch: int, meta: dict
+    directory: str, model, optimizer, scheduler, scaler, epoch: int, meta: dict,
+    ema: loop.WeightAverage | None = None,
 ) -> None:
-    """Tensors and plain containers only, so it loads with ``torch.load(weights_only=True)``."""
+    """Tensors and plain containers only, so it loads with ``torch.load(weights_only=True)``.
+    ``model`` holds the weights that were validated (the moving average when ``ema`` is on; the
+    trained weights are then kept as ``train_model`` for resuming)."""
     state = {
-        "model": _unwrap(model).state_dict(),
+        "model": (ema.module if ema is not None else _unwrap(model)).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": epoch,
     }
+    if ema is not None:
+        state["train_model"], state["ema_steps"] = _unwrap(model).state_dict(), ema.steps
     torch.save(state, os.path.join(directory, MODEL_FILE))
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=1, default=float)
@@ -77,14 +82,18 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def _restore(checkpoint, model, optimizer, scheduler, scaler) -> tuple[int, list]:
+def _restore(checkpoint, model, optimizer, scheduler, scaler,
+             ema: loop.WeightAverage | None = None) -> tuple[int, list]:
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
         with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
-    _unwrap(model).load_state_dict(state["model"])
+    _unwrap(model).load_state_dict(state.get("train_model", state["model"]))
+    if ema is not None:
+        ema.module.load_state_dict(state["model"])
+        ema.steps = int(state.get("ema_steps", 0))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
@@ -122,6 +131,19 @@ class NextEpochBatches:
         return iter(()) if first is self._END else itertools.chain([first], it)
 
 
+def _share_rank0_buffers(*modules: torch.nn.Module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm running statistics). DDP keeps the weights
+    equal, but each worker's statistics follow its own last batch (DDP broadcasts rank 0's at
+    the start of each forward, then each worker updates them with its own batch), so without this
+    every worker would validate a slightly different model, and none exactly the one the
+    checkpoint (rank 0's) holds."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for module in modules:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def _barrier(world: int) -> None:
     if world > 1 and dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -155,7 +177,9 @@ def train_func(config: dict) -> None:
                          label_smoothing=t.label_smoothing).to(device)
     eval_loss_fn = build_loss(t.loss, facts["class_weights"], focal_gamma=t.focal_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and device.type == "cuda")
-    start_epoch, history = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, scaler)
+    ema = loop.WeightAverage(model, t.ema_decay) if t.ema_decay else None
+    start_epoch, history = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, scaler,
+                                    ema)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -192,17 +216,19 @@ def train_func(config: dict) -> None:
             stats = loop.train_one_epoch(
                 model, tb.tap(batches), optimizer, loss_fn, device, doctor, epoch=epoch,
                 grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last, scaler=scaler,
+                ema=ema, mixup_alpha=0.0 if t.overfit_subset is not None else t.mixup_alpha,
             )
             _check_finite("a model weight or BatchNorm statistic",
                           _unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
+            _share_rank0_buffers(_unwrap(model), *([ema.module] if ema is not None else []))
             prefetch = cfg.pipeline.prefetch_next_epoch and epoch + 1 < t.epochs
             if prefetch and overlap_validation:
                 upcoming = start_next_epoch(epoch + 1)
             labels, logits = loop.predict(
-                _unwrap(model),
+                ema.module if ema is not None else _unwrap(model),
                 val_shard.iter_torch_batches(batch_size=per_worker_batch,
                                              prefetch_batches=cfg.pipeline.prefetch_batches),
-                device, amp=t.amp, channels_last=t.channels_last,
+                device, amp=t.amp, channels_last=t.channels_last, tta=cfg.augment.tta,
             )
             labels, logits = gather_predictions(labels, logits)
             if prefetch and not overlap_validation:  # the validation actors are done: room now
@@ -222,7 +248,7 @@ def train_func(config: dict) -> None:
         tb.log_epoch(epoch, metrics)
         if rank == 0:  # worker loggers are not configured; stdout reaches the driver's console
             print(epoch_line(metrics, t.epochs), flush=True)
-        _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts)
+        _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts, ema)
     tb.close()
 
 
@@ -265,7 +291,8 @@ def _sum_over_workers(value: float) -> float:
     return float(t.item())
 
 
-def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts):
+def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts,
+            ema=None):
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -281,7 +308,7 @@ def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, 
         "data": facts.get("data", {}),
     }
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, model, optimizer, scheduler, scaler, epoch, meta)
+        save_checkpoint(d, model, optimizer, scheduler, scaler, epoch, meta, ema)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
