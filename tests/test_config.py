@@ -17,7 +17,7 @@ from raypipe.config import (
 )
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "flowers.yaml", "xray.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "flowers.yaml", "flowers5.yaml", "xray.yaml"])
 def test_training_configs_load(name: str) -> None:
     assert isinstance(load_config(CONFIG_DIR / name, []), Config)
 
