@@ -23,7 +23,8 @@ def test_flowers_config_trains_one_epoch_on_real_photos(ray_cluster, shared_data
         for f in sorted((src / cls).glob("*.jpg"))[:10]:
             (root / cls / f.name).symlink_to(f)
     cfg = load_config(CONFIG_DIR / "flowers.yaml", [
-        f"data.root={root}", "train.epochs=1", f"run.storage_path={tmp_path / 'runs'}",
+        f"data.root={root}", "train.epochs=1", "train.batch_size=8",
+        f"run.storage_path={tmp_path / 'runs'}",
         "run.name=real", "run.tensorboard=false",
     ])
     summary = run_training(cfg)
@@ -32,6 +33,6 @@ def test_flowers_config_trains_one_epoch_on_real_photos(ray_cluster, shared_data
     assert data["files_found"] == data["files_used"] == 20 and data["files_skipped"] == 0
     assert data["val_total"] == 4 and data["class_names"] == ["daisy", "roses"]
     m = summary["best_metrics"]
-    assert m["train_samples"] == 16 and m["val_samples"] == 4
+    assert m["train_samples"] == 8 and m["val_samples"] == 4  # per worker (of 2) / gathered
     assert m["train_loss"] > 0 and 0.0 <= m["val_auc"] <= 1.0
     assert Path(summary["best_checkpoint"], "model.pt").is_file()
