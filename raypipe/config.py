@@ -122,9 +122,9 @@ class PipelineConfig(_Section):
     val: ActorPool = ActorPool(min_actors=1, max_actors=1)
     blocks: int = Field(8, ge=1, description="the file list is cut into at least this many blocks")
     block_rows: int = Field(
-        128, ge=1, description="and into blocks of at most this many files: a data actor hands "
-        "on its output when a block is done, so smaller blocks mean an earlier first batch, less "
-        "memory in flight and work for every actor of a large pool")
+        512, ge=1, description="and into blocks of at most this many files, so that every actor "
+        "of a large pool gets work; smaller blocks give an earlier first batch but lower steady "
+        "throughput (README, Performance)")
     prefetch_batches: int = Field(2, ge=0)
     prefetch_next_epoch: bool = Field(
         True, description="start the next epoch's training pipeline (actor start-up, first batch) "

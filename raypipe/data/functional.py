@@ -19,7 +19,7 @@ EPS = 1e-6
 
 def _skimage(name: str):
     """A scikit-image submodule, imported on first use: the fused resize/augment path needs none,
-    and importing them (with SciPy) costs every fresh data actor about half a second per epoch."""
+    and importing them (with SciPy) takes about half a second in every fresh data actor."""
     return importlib.import_module(f"skimage.{name}")
 
 
