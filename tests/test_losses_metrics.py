@@ -264,7 +264,7 @@ def _buffers_after_sharing(rank: int, world: int, port: int, out: str) -> None:
     bn = torch.nn.BatchNorm1d(3)
     bn.train()(torch.randn(8, 3) * (rank + 1))  # each worker's own running statistics
     _share_rank0_buffers(bn)
-    torch.save({k: v for k, v in bn.state_dict().items()}, f"{out}/rank{rank}.pt")
+    torch.save(bn.state_dict(), f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 

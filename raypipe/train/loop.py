@@ -40,7 +40,7 @@ class WeightAverage:
     steps are not held back by the random initial weights."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.module = copy.deepcopy(_plain(model)).eval()
+        self.module = copy.deepcopy(unwrap(model)).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay, self.steps = decay, 0
@@ -48,7 +48,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        now_state = _plain(model).state_dict()
+        now_state = unwrap(model).state_dict()
         for avg, now in zip(self.module.state_dict().values(), now_state.values(), strict=True):
             if avg.dtype.is_floating_point:
                 avg.lerp_(now.detach(), 1.0 - d)
@@ -57,7 +57,7 @@ class WeightAverage:
         self.steps += 1
 
 
-def _plain(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
 

@@ -65,21 +65,17 @@ def save_checkpoint(
     ``model`` holds the weights that were validated (the moving average when ``ema`` is on; the
     trained weights are then kept as ``train_model`` for resuming)."""
     state = {
-        "model": (ema.module if ema is not None else _unwrap(model)).state_dict(),
+        "model": (ema.module if ema is not None else loop.unwrap(model)).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": epoch,
     }
     if ema is not None:
-        state["train_model"], state["ema_steps"] = _unwrap(model).state_dict(), ema.steps
+        state["train_model"], state["ema_steps"] = loop.unwrap(model).state_dict(), ema.steps
     torch.save(state, os.path.join(directory, MODEL_FILE))
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=1, default=float)
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def _restore(checkpoint, model, optimizer, scheduler, scaler,
@@ -90,7 +86,7 @@ def _restore(checkpoint, model, optimizer, scheduler, scaler,
         state = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
         with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
-    _unwrap(model).load_state_dict(state.get("train_model", state["model"]))
+    loop.unwrap(model).load_state_dict(state.get("train_model", state["model"]))
     if ema is not None:
         ema.module.load_state_dict(state["model"])
         ema.steps = int(state.get("ema_steps", 0))
@@ -219,13 +215,13 @@ def train_func(config: dict) -> None:
                 ema=ema, mixup_alpha=0.0 if t.overfit_subset is not None else t.mixup_alpha,
             )
             _check_finite("a model weight or BatchNorm statistic",
-                          _unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
-            _share_rank0_buffers(_unwrap(model), *([ema.module] if ema is not None else []))
+                          loop.unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
+            _share_rank0_buffers(loop.unwrap(model), *([ema.module] if ema is not None else []))
             prefetch = cfg.pipeline.prefetch_next_epoch and epoch + 1 < t.epochs
             if prefetch and overlap_validation:
                 upcoming = start_next_epoch(epoch + 1)
             labels, logits = loop.predict(
-                ema.module if ema is not None else _unwrap(model),
+                ema.module if ema is not None else loop.unwrap(model),
                 val_shard.iter_torch_batches(batch_size=per_worker_batch,
                                              prefetch_batches=cfg.pipeline.prefetch_batches),
                 device, amp=t.amp, channels_last=t.channels_last, tta=cfg.augment.tta,
