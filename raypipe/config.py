@@ -126,6 +126,11 @@ class PipelineConfig(_Section):
         "of a large pool gets work; smaller blocks give an earlier first batch but lower steady "
         "throughput (README, Performance)")
     prefetch_batches: int = Field(2, ge=0)
+    cache_val_mb: float = Field(
+        512, ge=0, description="a validation set whose preprocessed tensors fit in this many MiB "
+        "is preprocessed once, before training, and kept in Ray's object store (validation is "
+        "deterministic); larger ones stream through the validation actors every epoch. 0: always "
+        "stream")
     prefetch_next_epoch: bool = Field(
         True, description="start the next epoch's training pipeline (actor start-up, first batch) "
         "while the current epoch validates and checkpoints")

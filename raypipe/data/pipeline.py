@@ -210,7 +210,21 @@ def build_datasets(
                  {**base, "clock": clock, "augment": augment})
     val = _records_dataset(split.val, cfg, shuffle=False)
     val = _map(val, cfg.pipeline.val, base)
+    mib = preprocessed_mib(cfg, len(split.val))
+    if split.val and mib <= cfg.pipeline.cache_val_mb:
+        # validation is deterministic: preprocess it once rather than restart its actors and
+        # decode every file again each epoch (for a few hundred images that start-up is most of
+        # the validation time)
+        val = val.materialize()
+        log.info("validation set preprocessed once and kept in the object store (%.1f MiB of "
+                 "pipeline.cache_val_mb=%g)", mib, cfg.pipeline.cache_val_mb)
     return train, val, ledger, clock
+
+
+def preprocessed_mib(cfg: Config, n: int) -> float:
+    """Size of ``n`` preprocessed images (float32, channels x image_size x image_size)."""
+    p = cfg.preprocess
+    return n * p.channels * p.image_size ** 2 * 4 / 2 ** 20
 
 
 class InferenceBatchProcessor(ImageBatchProcessor):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.data.dataset import MaterializedDataset
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -221,7 +222,9 @@ def build_trainer(
         "run_dir": run_dir_of(cfg),
         "clock": clock,
         "data": split.counts(),
-        "overlap_validation": layout.total_cpus + 1e-9 >= layout.train_cpus + both_pools_cpus(cfg),
+        # a preprocessed (materialized) validation set needs no actors while it is read
+        "overlap_validation": isinstance(val_ds, MaterializedDataset)
+        or layout.total_cpus + 1e-9 >= layout.train_cpus + both_pools_cpus(cfg),
     }
     resources = {"CPU": cfg.train.cpus_per_worker}
     if layout.use_gpu:

@@ -3,7 +3,6 @@ reporting and checkpoints. The training arithmetic lives in :mod:`raypipe.train.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -120,11 +119,15 @@ class NextEpochBatches:
             self._out["error"] = exc
 
     def batches(self) -> Iterator[dict]:
+        """A generator, so that waiting for the thread happens at the first ``next`` and counts as
+        data wait in the training loop."""
         self._thread.join()
         if "error" in self._out:
             raise self._out["error"]
         first, it = self._out["first"], self._out["it"]
-        return iter(()) if first is self._END else itertools.chain([first], it)
+        if first is not self._END:
+            yield first
+            yield from it
 
 
 def _share_rank0_buffers(*modules: torch.nn.Module) -> None:
