@@ -141,12 +141,43 @@ def _val_only_split(tmp_path: Path, n_bad: int, overrides: list[str]):
     return cfg, discover(cfg.data)
 
 
-def test_skip_policy_counts_each_bad_file_once(ray_cluster, tmp_path: Path) -> None:
-    cfg, split = _val_only_split(tmp_path, 2, ["data.max_bad_fraction=0.5"])
+@pytest.mark.parametrize("cache_val_mb", [0, 512], ids=["streamed", "preprocessed-once"])
+def test_skip_policy_counts_each_bad_file_once(ray_cluster, tmp_path: Path, cache_val_mb) -> None:
+    cfg, split = _val_only_split(tmp_path, 2, ["data.max_bad_fraction=0.5",
+                                               f"pipeline.cache_val_mb={cache_val_mb}"])
     n, bad = _val_rows(cfg, split)
     assert n == 10
     assert sorted(bad) == ["cats/bad0.png", "cats/bad1.png"]
     assert "empty" in bad["cats/bad0.png"] and "not a readable image" in bad["cats/bad1.png"]
+
+
+def test_small_validation_set_is_preprocessed_once_with_the_same_rows(ray_cluster,
+                                                                       tmp_path: Path) -> None:
+    from ray.data.dataset import MaterializedDataset
+
+    cfg, split = _val_only_split(tmp_path, 0, ["pipeline.val.batch_size=4"])
+
+    def rows(cache_val_mb: float):
+        pipe = cfg.pipeline.model_copy(update={"cache_val_mb": cache_val_mb})
+        _, val, _, _ = pipeline.build_datasets(cfg.model_copy(update={"pipeline": pipe}), split)
+        batches = list(val.iter_batches(batch_size=64, batch_format="numpy"))
+        images = np.concatenate([b["image"] for b in batches])
+        labels = np.concatenate([b["label"] for b in batches])
+        order = np.lexsort((images.reshape(len(images), -1).sum(1), labels))
+        return val, images[order], labels[order]
+
+    # 10 images of 1x16x16 float32 (the default config is grayscale) = 0.0098 MiB
+    assert cfg.preprocess.channels == 1
+    assert pipeline.preprocessed_mib(cfg, 10) == 10 * 16 * 16 * 4 / 2**20
+    cached, images, labels = rows(1)
+    streamed, images0, labels0 = rows(0)
+    too_small, _, _ = rows(0.009)
+    assert isinstance(cached, MaterializedDataset)
+    assert not isinstance(streamed, MaterializedDataset)
+    assert not isinstance(too_small, MaterializedDataset)
+    assert len(labels) == 10
+    np.testing.assert_array_equal(labels, labels0)
+    np.testing.assert_array_equal(images, images0)
 
 
 def test_too_many_bad_files_fails_naming_the_worst_offenders(ray_cluster, tmp_path: Path) -> None:

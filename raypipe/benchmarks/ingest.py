@@ -93,7 +93,9 @@ def bench_config(args, root: str, extra: list[str] = ()) -> Config:
         "preprocess.normalize=divide255", "augment.enabled=true",
         f"pipeline.train={{min_actors: {args.actors}, max_actors: {args.actors}, cpus_per_actor: 1, "
         f"batch_size: {args.ray_data_batch}, compute: {args.compute}}}",
-        f"pipeline.blocks={max(8, 4 * args.actors)}", f"train.batch_size={args.batch_size}", *extra,
+        f"pipeline.blocks={max(8, 4 * args.actors)}", f"train.batch_size={args.batch_size}",
+        "pipeline.cache_val_mb=0",  # the benchmarks drain the training pipeline alone
+        *extra,
     ])
 
 
