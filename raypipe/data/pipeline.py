@@ -197,7 +197,8 @@ def build_datasets(
     cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None
 ) -> tuple[ray.data.Dataset, ray.data.Dataset, Any, Any]:
     """(train_ds, val_ds, ledger, clock). ``train_records`` overrides the split's training set
-    (the overfit check's small subset)."""
+    (the overfit check's small subset). ``val_ds`` is already materialized (preprocessed now, in
+    the object store) when it fits ``pipeline.cache_val_mb``."""
     train_records = split.train if train_records is None else train_records
     total = len(train_records) + len(split.val)
     ledger = BadFileLedger.remote(total, cfg.data.max_bad_fraction, cfg.data.on_bad_file)
