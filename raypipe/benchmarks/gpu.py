@@ -11,7 +11,14 @@ import argparse
 import os
 import time
 
-from raypipe.benchmarks.ingest import add_data_arguments, bench_config, data_root, ensure_ray, split_of
+from raypipe.benchmarks.ingest import (
+    add_data_arguments,
+    bench_config,
+    data_root,
+    ensure_ray,
+    split_of,
+    training_pipeline,
+)
 
 
 def _device(name: str):
@@ -77,13 +84,11 @@ def with_pipeline(args, device) -> dict:
     """images/s and data-wait fraction when Ray Data feeds the model (after ``warmup`` batches)."""
     import torch
 
-    from raypipe.data import pipeline
-
     ensure_ray(args)
     root = data_root(args)
     cfg = bench_config(args, root)
     n = (args.warmup + args.steps) * args.batch_size
-    train, _, _, _ = pipeline.build_datasets(cfg, split_of(cfg, n))
+    train = training_pipeline(cfg, split_of(cfg, n))
     model, opt, loss_fn = _model(args, device)
     wait = busy = 0.0
     images = steps = 0

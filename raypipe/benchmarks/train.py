@@ -101,7 +101,6 @@ def data_wait(args) -> dict:
         f"train.epochs={args.wait_epochs}",
         "train.num_workers=1", f"train.cpus_per_worker={args.threads}", "train.use_gpu=false",
         "pipeline.val={min_actors: 1, max_actors: 1, cpus_per_actor: 1}",
-        "pipeline.cache_val_mb=512",  # as a training run has it
         f"run.storage_path={storage}", "run.name=bench-wait", "run.tensorboard=false",
     ])
     split = discover(cfg.data)
