@@ -120,17 +120,47 @@ def test_shared_flowers_sample(shared_data: Path) -> None:
     assert min(split.counts()["val"].values()) >= 1
 
 
-@pytest.mark.parametrize("n, blocks, block_rows, want", [
-    (1000, 8, 100, 10),   # cut by size: ceil(1000 / 100)
-    (1000, 8, 128, 8),    # ceil(1000 / 128) = 8
-    (100, 8, 128, 8),     # at least `blocks`
-    (5, 8, 128, 5),       # never an empty block
+@pytest.mark.parametrize("n, blocks, block_rows, lanes, want", [
+    # each lane starts with one map batch (32 rows), then sizes double up to the largest block
+    (1000, 8, 100, 2, [32, 32, 64, 64] + [100] * 8 + [8]),
+    (1000, 8, 512, 1, [32, 64] + [125] * 7 + [29]),   # largest: ceil(1000 / 8 blocks)
+    (100, 8, 128, 2, [13] * 7 + [9]),                  # at least `blocks` blocks
+    (5, 8, 128, 2, [1] * 5),                           # never an empty block
+    (0, 8, 128, 2, []),
 ])
-def test_file_list_is_cut_into_blocks_of_at_most_block_rows(ray_cluster, n, blocks, block_rows, want):
-    from raypipe.data.pipeline import _records_dataset
+def test_file_list_is_cut_into_small_first_blocks_then_blocks_of_at_most_block_rows(
+        n, blocks, block_rows, lanes, want):
+    from raypipe.config import ActorPool
+    from raypipe.data.pipeline import block_spans
 
     cfg = load_config(None, [f"pipeline.blocks={blocks}", f"pipeline.block_rows={block_rows}"])
-    records = [Record(f"/x/{i}.png", i % 2, f"k{i}") for i in range(n)]
-    ds = _records_dataset(records, cfg, shuffle=True)
-    assert ds.num_blocks() == want
-    assert sorted(ds.to_pandas()["key"]) == sorted(r.key for r in records)
+    spans = block_spans(n, cfg, ActorPool(min_actors=1, max_actors=lanes, batch_size=32))
+    assert [b - a for a, b in spans] == want
+    assert all(a == b for (_, a), (b, _) in zip(spans, spans[1:], strict=False))  # contiguous
+    assert (spans[0][0], spans[-1][1]) == (0, n) if spans else n == 0
+
+
+@pytest.mark.ray
+def test_datasets_are_made_of_those_blocks_in_order(ray_cluster):
+    from raypipe.data.pipeline import _records_dataset, _slots_dataset, block_spans
+
+    cfg = load_config(None, ["pipeline.blocks=8", "pipeline.block_rows=100"])
+    pool = cfg.pipeline.train
+    records = [Record(f"/x/{i}.png", i % 2, f"k{i}") for i in range(300)]
+    spans = block_spans(len(records), cfg, pool)
+    files = _records_dataset(records, cfg, pool)
+    assert files.num_blocks() == len(spans)
+    assert list(files.to_pandas()["key"]) == [r.key for r in records]
+    slots = _slots_dataset(len(records), cfg, pool)
+    assert slots.num_blocks() == len(spans)
+    assert list(slots.to_pandas()["slot"]) == list(range(300))
+
+
+def test_epoch_order_is_a_new_permutation_each_epoch_and_reproducible():
+    from raypipe.data.pipeline import epoch_order
+
+    a0, a1 = epoch_order(50, 0, 0), epoch_order(50, 0, 1)
+    assert sorted(a0) == sorted(a1) == list(range(50))
+    assert list(a0) != list(a1)
+    assert list(epoch_order(50, 0, 1)) == list(a1)            # same in every process, on resume
+    assert list(epoch_order(50, 1, 1)) != list(a1)            # train.seed moves it

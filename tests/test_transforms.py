@@ -185,3 +185,46 @@ def test_augmented_samples_do_not_depend_on_actor_count_batch_size_or_compute(ra
         np.testing.assert_array_equal(one[k], tasks[k])
     later = _run_pipeline(folder, cfg, actors=2, batch_size=4, epoch=2)
     assert all(not np.allclose(one[k], later[k]) for k in one)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("compute", ["actors", "tasks"])
+def test_training_slots_read_every_file_once_per_epoch_in_that_epochs_order(ray_cluster, tmp_path,
+                                                                            compute):
+    import ray
+
+    from raypipe.config import ActorPool
+    from raypipe.data.pipeline import (
+        BadFileLedger,
+        EpochClock,
+        _map,
+        _records_table,
+        _slots_dataset,
+        epoch_order,
+    )
+    from raypipe.data.sources import Record, discover
+
+    folder = make_image_folder(tmp_path / "imgs", {"a": 4, "b": 3}, size=(20, 16))
+    cfg = Config.model_validate({"data": {"root": str(folder)}, "preprocess": {"image_size": 8},
+                                 "train": {"seed": 5}})
+    split = discover(cfg.data)
+    records = [Record(r.path, i, r.key) for i, r in enumerate(split.train + split.val)]  # label: index
+    clock = EpochClock.remote()
+    pool = ActorPool(min_actors=1, max_actors=2, cpus_per_actor=0.5, batch_size=2, compute=compute)
+    ds = _map(_slots_dataset(len(records), cfg, pool), pool,
+              {"filesystem": split.filesystem, "cfg": cfg.to_dict(),
+               "ledger": BadFileLedger.remote(len(records), 0.0, "fail"), "clock": clock,
+               "augment": True, "records": ray.put(_records_table(records))})
+    ctx = ray.data.DataContext.get_current()
+    keep = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # compare the sequence, not just the set
+    try:
+        seen = []
+        for epoch in (0, 1):
+            ray.get(clock.set.remote(epoch))
+            seen.append([int(r["label"]) for r in ds.take_all()])
+    finally:
+        ctx.execution_options.preserve_order = keep
+    for epoch, labels in enumerate(seen):
+        assert labels == list(epoch_order(len(records), 5, epoch))
+    assert seen[0] != seen[1]

@@ -88,7 +88,7 @@ def with_pipeline(args, device) -> dict:
     root = data_root(args)
     cfg = bench_config(args, root)
     n = (args.warmup + args.steps) * args.batch_size
-    train = training_pipeline(cfg, split_of(cfg, n))
+    train, _ = training_pipeline(cfg, split_of(cfg, n))
     model, opt, loss_fn = _model(args, device)
     wait = busy = 0.0
     images = steps = 0

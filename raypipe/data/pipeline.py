@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
@@ -95,8 +96,14 @@ class ImageBatchProcessor:
         ledger: Any,
         clock: Any = None,
         augment: bool = False,
+        records: Any = None,
     ):
         conf = Config.model_validate(cfg)
+        # training rows are slots; ``records`` (a path/label/key table, or its ObjectRef) and the
+        # epoch's permutation say which file each slot is (see :func:`epoch_order`)
+        self.records = ray.get(records) if isinstance(records, ray.ObjectRef) else records
+        self.seed = conf.train.seed
+        self._order: tuple[int, np.ndarray] | None = None
         self.fs = filesystem
         self.pre = Preprocessor(conf.preprocess)
         self.aug = Augmenter(conf.augment, conf.train.seed) if augment else None
@@ -119,8 +126,19 @@ class ImageBatchProcessor:
             raise gone from None
         return decode_image(data, max_pixels=self.max_pixels, gray=self.gray, draft_size=self.draft)
 
+    def _files(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+        """The batch's {path, label, key}: as given, or looked up for its slots."""
+        if "slot" not in batch:
+            return batch
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.records.num_rows, self.seed, epoch))
+        rows = self.records.take(self._order[1][batch["slot"]])
+        return {k: rows[k].to_numpy(zero_copy_only=False) for k in ("path", "label", "key")}
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = ray.get(self.clock.get.remote()) if self.aug is not None else 0
+        needs_epoch = self.aug is not None or "slot" in batch
+        epoch = ray.get(self.clock.get.remote()) if needs_epoch and self.clock is not None else 0
+        batch = self._files(batch, epoch)
         images, labels = [], []
         for path, label, key in zip(batch["path"], batch["label"], batch["key"], strict=True):
             try:
@@ -151,14 +169,49 @@ class ImageBatchProcessor:
         }
 
 
-def _records_dataset(records: list[Record], cfg: Config, shuffle: bool) -> ray.data.Dataset:
-    rows = [{"path": r.path, "label": r.label, "key": r.key} for r in records]
-    if shuffle:  # one seeded shuffle of the file list; block order is re-randomised each epoch
-        order = np.random.default_rng(cfg.train.seed).permutation(len(rows))
-        rows = [rows[i] for i in order]
-    n_blocks = max(cfg.pipeline.blocks, -(-len(rows) // cfg.pipeline.block_rows))
-    n_blocks = max(1, min(n_blocks, len(rows)))
-    return ray.data.from_items(rows, override_num_blocks=n_blocks)
+def block_spans(n: int, cfg: Config, pool: ActorPool) -> list[tuple[int, int]]:
+    """``[start, end)`` row spans cutting ``n`` rows into blocks of at most
+    ``pipeline.block_rows`` (and at least ``pipeline.blocks`` blocks, so that every actor of a big
+    pool gets work). The first blocks are small: each of the pool's ``max_actors`` lanes starts
+    with one ``batch_size`` block, and block sizes double from there. A stage hands a block on only
+    when it has processed all of it, so the first batch comes after one small block instead of
+    one full-size block, while the big blocks after it keep the per-block overhead low."""
+    largest = max(1, min(cfg.pipeline.block_rows, -(-n // cfg.pipeline.blocks)))
+    size, start, spans = min(pool.batch_size, largest), 0, []
+    while start < n:
+        for _ in range(pool.max_actors):
+            if start >= n:
+                break
+            spans.append((start, min(n, start + size)))
+            start = spans[-1][1]
+        size = min(largest, size * 2)
+    return spans
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training files' order in ``epoch``: a fresh permutation each epoch, the same in every
+    process and on every resume (``train.seed``, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _records_table(records: list[Record]) -> pa.Table:
+    return pa.table({"path": [r.path for r in records], "label": [r.label for r in records],
+                     "key": [r.key for r in records]})
+
+
+def _records_dataset(records: list[Record], cfg: Config, pool: ActorPool) -> ray.data.Dataset:
+    """The files in their given order (validation, inference), in :func:`block_spans` blocks."""
+    table = _records_table(records)
+    spans = block_spans(len(records), cfg, pool) or [(0, 0)]
+    return ray.data.from_arrow([table.slice(a, b - a) for a, b in spans])
+
+
+def _slots_dataset(n: int, cfg: Config, pool: ActorPool) -> ray.data.Dataset:
+    """Training rows 0..n-1 (slots), in :func:`block_spans` blocks; the processors turn slot ``i``
+    into file ``epoch_order(n, seed, epoch)[i]``. So every epoch reads all files in a new order
+    (a full shuffle, not just a new block order) while the small first blocks stay first."""
+    spans = block_spans(n, cfg, pool) or [(0, 0)]
+    return ray.data.from_arrow([pa.table({"slot": np.arange(a, b, dtype=np.int64)}) for a, b in spans])
 
 
 _PROCESSORS: dict[str, ImageBatchProcessor] = {}
@@ -206,10 +259,10 @@ def build_datasets(
     conf = cfg.to_dict()
     augment = cfg.augment.enabled and cfg.train.overfit_subset is None
     base = {"filesystem": split.filesystem, "cfg": conf, "ledger": ledger}
-    train = _records_dataset(train_records, cfg, shuffle=True)
-    train = _map(train.randomize_block_order(), cfg.pipeline.train,
-                 {**base, "clock": clock, "augment": augment})
-    val = _records_dataset(split.val, cfg, shuffle=False)
+    train = _slots_dataset(len(train_records), cfg, cfg.pipeline.train)
+    train = _map(train, cfg.pipeline.train, {**base, "clock": clock, "augment": augment,
+                                             "records": ray.put(_records_table(train_records))})
+    val = _records_dataset(split.val, cfg, cfg.pipeline.val)
     val = _map(val, cfg.pipeline.val, base)
     mib = preprocessed_mib(cfg, len(split.val))
     if split.val and mib <= cfg.pipeline.cache_val_mb:
@@ -267,7 +320,7 @@ def build_inference_dataset(
     ``use_gpu``). ``predictor(**predictor_kwargs)`` is called on ``{image, label, path, key}``
     batches and returns the output rows. Labels of unlabeled files are -1."""
     ledger = BadFileLedger.remote(len(records), cfg.data.max_bad_fraction, cfg.data.on_bad_file)
-    ds = _records_dataset(records, cfg, shuffle=False)
+    ds = _records_dataset(records, cfg, cfg.pipeline.val)
     ds = _map(ds, cfg.pipeline.val, {"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger},
               inference=True)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.train.cpus_per_worker}
