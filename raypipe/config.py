@@ -104,9 +104,10 @@ class ActorPool(_Section):
     max_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0.0)
     batch_size: int = Field(32, ge=1)
-    compute: Literal["actors", "tasks"] = Field(
-        "actors", description="actors: a pool of long-lived processes per epoch; tasks: stateless "
-        "tasks on Ray's reused worker processes (no per-epoch start-up)")
+    compute: Literal["auto", "actors", "tasks"] = Field(
+        "auto", description="actors: a pool of long-lived processes per epoch; tasks: stateless "
+        "tasks on Ray's reused worker processes (no per-epoch start-up); auto: tasks when "
+        "training runs on CPUs, actors when it runs on GPUs")
 
     @model_validator(mode="after")
     def _check(self) -> ActorPool:

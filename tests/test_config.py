@@ -131,3 +131,17 @@ def test_empty_config_file_means_defaults(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("")
     assert load_config(f, []) == Config()
+
+
+def test_auto_compute_is_tasks_on_cpus_and_actors_on_gpus_and_explicit_choices_stay() -> None:
+    from raypipe.data.pipeline import resolve_compute
+
+    cfg = load_config(None, [])
+    assert (cfg.pipeline.train.compute, cfg.pipeline.val.compute) == ("auto", "auto")
+    cpu, gpu = resolve_compute(cfg, use_gpu=False), resolve_compute(cfg, use_gpu=True)
+    assert (cpu.pipeline.train.compute, cpu.pipeline.val.compute) == ("tasks", "tasks")
+    assert (gpu.pipeline.train.compute, gpu.pipeline.val.compute) == ("actors", "actors")
+    assert cpu.pipeline.train.batch_size == cfg.pipeline.train.batch_size  # nothing else moves
+    mixed = load_config(None, ["pipeline.train.compute=actors"])
+    assert resolve_compute(mixed, use_gpu=False).pipeline.train.compute == "actors"
+    assert resolve_compute(mixed, use_gpu=False).pipeline.val.compute == "tasks"

@@ -210,6 +210,7 @@ def build_trainer(
 ) -> tuple[TorchTrainer, Any]:
     """A ready-to-fit TorchTrainer and the bad-file ledger actor."""
     layout = resolve_layout(cfg, cluster_capacity())
+    cfg = pipeline.resolve_compute(cfg, layout.use_gpu)
     records = split.train if train_records is None else train_records
     train_ds, val_ds, ledger, clock = pipeline.build_datasets(cfg, split, records)
     counts = [0] * len(split.class_names)
