@@ -188,9 +188,9 @@ def test_augmented_samples_do_not_depend_on_actor_count_batch_size_or_compute(ra
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("compute", ["actors", "tasks"])
+@pytest.mark.parametrize("compute, reshuffle", [("actors", True), ("tasks", True), ("tasks", False)])
 def test_training_slots_read_every_file_once_per_epoch_in_that_epochs_order(ray_cluster, tmp_path,
-                                                                            compute):
+                                                                            compute, reshuffle):
     import ray
 
     from raypipe.config import ActorPool
@@ -214,7 +214,8 @@ def test_training_slots_read_every_file_once_per_epoch_in_that_epochs_order(ray_
     ds = _map(_slots_dataset(len(records), cfg, pool), pool,
               {"filesystem": split.filesystem, "cfg": cfg.to_dict(),
                "ledger": BadFileLedger.remote(len(records), 0.0, "fail"), "clock": clock,
-               "augment": True, "records": ray.put(_records_table(records))})
+               "augment": True, "records": ray.put(_records_table(records)),
+               "reshuffle": reshuffle})
     ctx = ray.data.DataContext.get_current()
     keep = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # compare the sequence, not just the set
@@ -225,6 +226,6 @@ def test_training_slots_read_every_file_once_per_epoch_in_that_epochs_order(ray_
             seen.append([int(r["label"]) for r in ds.take_all()])
     finally:
         ctx.execution_options.preserve_order = keep
-    for epoch, labels in enumerate(seen):
-        assert labels == list(epoch_order(len(records), 5, epoch))
-    assert seen[0] != seen[1]
+    for epoch, labels in enumerate(seen):  # without reshuffling (the overfit check): epoch 0's
+        assert labels == list(epoch_order(len(records), 5, epoch if reshuffle else 0))
+    assert (seen[0] != seen[1]) == reshuffle

@@ -99,11 +99,14 @@ class ImageBatchProcessor:
         clock: Any = None,
         augment: bool = False,
         records: Any = None,
+        reshuffle: bool = True,
     ):
         conf = Config.model_validate(cfg)
         # training rows are slots; ``records`` (a path/label/key table, or its ObjectRef) and the
-        # epoch's permutation say which file each slot is (see :func:`epoch_order`)
+        # epoch's permutation say which file each slot is (see :func:`epoch_order`); without
+        # ``reshuffle`` every epoch keeps epoch 0's order (the overfit check)
         self.records = ray.get(records) if isinstance(records, ray.ObjectRef) else records
+        self.reshuffle = reshuffle
         self.seed = conf.train.seed
         self._order: tuple[int, np.ndarray] | None = None
         self.fs = filesystem
@@ -132,6 +135,7 @@ class ImageBatchProcessor:
         """The batch's {path, label, key}: as given, or looked up for its slots."""
         if "slot" not in batch:
             return batch
+        epoch = epoch if self.reshuffle else 0
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.records.num_rows, self.seed, epoch))
         rows = self.records.take(self._order[1][batch["slot"]])
@@ -276,10 +280,14 @@ def build_datasets(
     ledger = BadFileLedger.remote(total, cfg.data.max_bad_fraction, cfg.data.on_bad_file)
     clock = EpochClock.remote()
     conf = cfg.to_dict()
-    augment = cfg.augment.enabled and cfg.train.overfit_subset is None
+    # the overfit check trains on a fixed subset in a fixed order, without augmentation: nothing
+    # but the model's capacity decides whether the loss gets to zero
+    overfit = cfg.train.overfit_subset is not None
     base = {"filesystem": split.filesystem, "cfg": conf, "ledger": ledger}
     train = _slots_dataset(len(train_records), cfg, cfg.pipeline.train)
-    train = _map(train, cfg.pipeline.train, {**base, "clock": clock, "augment": augment,
+    train = _map(train, cfg.pipeline.train, {**base, "clock": clock,
+                                             "augment": cfg.augment.enabled and not overfit,
+                                             "reshuffle": not overfit,
                                              "records": ray.put(_records_table(train_records))})
     val = _records_dataset(split.val, cfg, cfg.pipeline.val)
     val = _map(val, cfg.pipeline.val, base)
