@@ -142,7 +142,7 @@ class ImageBatchProcessor:
         return {k: rows[k].to_numpy(zero_copy_only=False) for k in ("path", "label", "key")}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        needs_epoch = self.aug is not None or "slot" in batch
+        needs_epoch = self.aug is not None or ("slot" in batch and self.reshuffle)
         epoch = ray.get(self.clock.get.remote()) if needs_epoch and self.clock is not None else 0
         batch = self._files(batch, epoch)
         images, labels = [], []
@@ -205,19 +205,22 @@ def _records_table(records: list[Record]) -> pa.Table:
                      "key": [r.key for r in records]})
 
 
-def _records_dataset(records: list[Record], cfg: Config, pool: ActorPool) -> ray.data.Dataset:
-    """The files in their given order (validation, inference), in :func:`block_spans` blocks."""
-    table = _records_table(records)
-    spans = block_spans(len(records), cfg, pool) or [(0, 0)]
+def _in_blocks(table: pa.Table, cfg: Config, pool: ActorPool) -> ray.data.Dataset:
+    """``table`` as a Dataset of :func:`block_spans` blocks, in order."""
+    spans = block_spans(table.num_rows, cfg, pool) or [(0, 0)]
     return ray.data.from_arrow([table.slice(a, b - a) for a, b in spans])
 
 
+def _records_dataset(records: list[Record], cfg: Config, pool: ActorPool) -> ray.data.Dataset:
+    """The files in their given order (validation, inference)."""
+    return _in_blocks(_records_table(records), cfg, pool)
+
+
 def _slots_dataset(n: int, cfg: Config, pool: ActorPool) -> ray.data.Dataset:
-    """Training rows 0..n-1 (slots), in :func:`block_spans` blocks; the processors turn slot ``i``
-    into file ``epoch_order(n, seed, epoch)[i]``. So every epoch reads all files in a new order
-    (a full shuffle, not just a new block order) while the small first blocks stay first."""
-    spans = block_spans(n, cfg, pool) or [(0, 0)]
-    return ray.data.from_arrow([pa.table({"slot": np.arange(a, b, dtype=np.int64)}) for a, b in spans])
+    """Training rows 0..n-1 (slots); the processors turn slot ``i`` into file
+    ``epoch_order(n, seed, epoch)[i]``. So every epoch reads all files in a new order (a full
+    shuffle, not just a new block order) while the small first blocks stay first."""
+    return _in_blocks(pa.table({"slot": np.arange(n, dtype=np.int64)}), cfg, pool)
 
 
 _PROCESSORS: dict[str, ImageBatchProcessor] = {}
