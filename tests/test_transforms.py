@@ -229,3 +229,49 @@ def test_training_slots_read_every_file_once_per_epoch_in_that_epochs_order(ray_
     for epoch, labels in enumerate(seen):  # without reshuffling (the overfit check): epoch 0's
         assert labels == list(epoch_order(len(records), 5, epoch if reshuffle else 0))
     assert (seen[0] != seen[1]) == reshuffle
+
+
+@pytest.mark.ray
+def test_a_task_reads_the_epoch_clock_once_for_all_its_batches(ray_cluster, tmp_path):
+    import ray
+
+    from raypipe.data.pipeline import BadFileLedger, ImageBatchProcessor
+    from raypipe.data.sources import discover
+
+    @ray.remote(num_cpus=0)
+    class CountingClock:  # EpochClock, counting its reads
+        def __init__(self) -> None:
+            self.epoch, self.reads = 0, 0
+
+        def set(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def get(self) -> int:
+            self.reads += 1
+            return self.epoch
+
+        def count(self) -> int:
+            return self.reads
+
+    folder = make_image_folder(tmp_path / "imgs", {"a": 3, "b": 3}, size=(20, 16))
+    cfg = Config.model_validate({"data": {"root": str(folder)}, "preprocess": {"image_size": 8},
+                                 "augment": ALL_ON.model_dump(), "train": {"seed": 2}})
+    split = discover(cfg.data)
+    batch = {"path": np.array([r.path for r in split.train + split.val]),
+             "label": np.arange(len(split.train + split.val)),
+             "key": np.array([r.key for r in split.train + split.val])}
+    clock = CountingClock.remote()
+    proc = ImageBatchProcessor(split.filesystem, cfg.to_dict(),
+                               BadFileLedger.remote(6, 0.0, "fail"), clock, augment=True)
+
+    @ray.remote(num_cpus=0)
+    def one_task(proc, batches: int) -> list[np.ndarray]:
+        return [proc(batch)["image"] for _ in range(batches)]
+
+    first = ray.get(one_task.remote(proc, 3))
+    assert ray.get(clock.count.remote()) == 1  # three batches, one read
+    ray.get(clock.set.remote(1))  # between executions, as the training workers move it
+    later = ray.get(one_task.remote(proc, 1))
+    assert ray.get(clock.count.remote()) == 2  # a new task reads it again
+    np.testing.assert_array_equal(first[0], first[2])
+    assert not np.allclose(first[0], later[0])  # and draws with the new epoch
