@@ -46,12 +46,13 @@ def test_linear_fit_recovers_a_line():
 
 @pytest.mark.slow
 def test_ingest(ray_cluster, tmp_path):
-    r = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "2", "--compute", "tasks")
+    r = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "2")  # compute: auto
     assert r["ray_images"] == r["dataloader_images"] == 8  # every epoch of the one pipeline
     assert len(r["ray_epoch_s"]) == len(r["dataloader_epoch_s"]) == 2
     _positive(r, "ray_images_per_s", "dataloader_images_per_s", "ratio", "cold_ratio")
     assert r["ratio"] == pytest.approx(r["ray_images_per_s"] / r["dataloader_images_per_s"])
-    assert r["compute"] == "tasks"
+    assert r["compute"] == "tasks"  # auto, as training resolves it on a cluster without GPUs
+    assert (r["ray_lanes"], r["dataloader_workers"]) == (2 * r["cpus"], r["cpus"])  # 0.5 CPU a lane
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ KINDS = {"photo": ((320, 240), "RGB"), "film": ((1024, 1024), "L")}
 
 
 def add_data_arguments(p: argparse.ArgumentParser, images: int = 512, image_size: int = 128,
-                       batch_size: int = 32, actors: int = 2) -> None:
+                       batch_size: int = 32, actors: int = 2, compute: str = "actors") -> None:
     p.add_argument("--data", default=None,
                    help="folder-per-class images (default: ../shared/data/flowers-sample when present, "
                         "else synthetic JPEGs)")
@@ -39,11 +39,14 @@ def add_data_arguments(p: argparse.ArgumentParser, images: int = 512, image_size
     p.add_argument("--images", type=int, default=images, help="images per epoch (files are cycled)")
     p.add_argument("--image-size", type=int, default=image_size)
     p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--actors", type=int, default=actors, help="Ray Data actors (1 CPU each)")
+    p.add_argument("--actors", type=int, default=actors,
+                   help="CPUs of the Ray Data stage, one actor or task each (ingest: see "
+                        "--lanes-per-cpu); the DataLoader gets as many workers")
     p.add_argument("--ray-data-batch", type=int, default=32, help="rows per map_batches call")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
-    p.add_argument("--compute", choices=["actors", "tasks"], default="actors",
-                   help="how the Ray Data stage runs (pipeline.train.compute)")
+    p.add_argument("--compute", choices=["auto", "actors", "tasks"], default=compute,
+                   help="how the Ray Data stage runs (pipeline.train.compute); auto: as training "
+                        "runs it, tasks on a cluster without GPUs and actors on one with GPUs")
 
 
 def ensure_ray(args) -> None:
@@ -89,11 +92,15 @@ def data_root(args) -> str:
 
 
 def bench_config(args, root: str, extra: list[str] = ()) -> Config:
+    """The benchmarks' config: ``args.actors`` CPUs for the Ray Data stage, cut into
+    ``args.lanes_per_cpu`` tasks or actors per CPU (where a benchmark has that option; else one)."""
     channels = 3 if args.kind == "photo" else 1
+    per_cpu = getattr(args, "lanes_per_cpu", 1)
+    lanes = args.actors * per_cpu
     return load_config(None, [
         f"data.root={root}", f"preprocess.image_size={args.image_size}", f"preprocess.channels={channels}",
         "preprocess.normalize=divide255", "augment.enabled=true",
-        f"pipeline.train={{min_actors: {args.actors}, max_actors: {args.actors}, cpus_per_actor: 1, "
+        f"pipeline.train={{min_actors: {lanes}, max_actors: {lanes}, cpus_per_actor: {1 / per_cpu!r}, "
         f"batch_size: {args.ray_data_batch}, compute: {args.compute}}}",
         f"pipeline.blocks={max(8, 4 * args.actors)}", f"train.batch_size={args.batch_size}", *extra,
     ])
@@ -198,12 +205,21 @@ def dataloader_epoch(cfg: Config, split: DatasetSplit, batch_size: int,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_data_arguments(p)
+    add_data_arguments(p, compute="auto")
     p.add_argument("--epochs", type=int, default=2, help="epochs of each; the best is reported")
+    p.add_argument("--lanes-per-cpu", type=int, default=2,
+                   help="Ray Data tasks (or actors) per CPU of the stage, each with 1/k CPU, as the "
+                        "shipped configs run it (0.5 CPU each): a second lane per CPU works while "
+                        "Ray Data schedules the next task of the first (README, Performance). The "
+                        "DataLoader keeps one worker per CPU, its fastest setting here")
 
 
 def run(args) -> dict:
+    import ray
+
     ensure_ray(args)
+    if args.compute == "auto":  # what pipeline.resolve_compute gives a training run here
+        args.compute = "actors" if ray.cluster_resources().get("GPU", 0) > 0 else "tasks"
     root = data_root(args)
     cfg = bench_config(args, root)
     split = split_of(cfg, args.images)
@@ -222,6 +238,7 @@ def run(args) -> dict:
     return {
         "benchmark": "ingest", "data": root, "images": args.images, "image_size": args.image_size,
         "batch_size": args.batch_size, "cpus": args.actors, "cpu_count": os.cpu_count(),
+        "ray_lanes": args.actors * args.lanes_per_cpu, "dataloader_workers": args.actors,
         "ray_images": ray_best[0], "dataloader_images": dl_best[0],
         "ray_images_per_s": ray_ips, "dataloader_images_per_s": dl_ips, "ratio": ray_ips / dl_ips,
         "cold_ratio": cold_ratio, "compute": args.compute,
