@@ -268,6 +268,8 @@ def test_a_task_reads_the_epoch_clock_once_for_all_its_batches(ray_cluster, tmp_
     def one_task(proc, batches: int) -> list[np.ndarray]:
         return [proc(batch)["image"] for _ in range(batches)]
 
+    # (a processor kept across tasks in one worker process, as process_batch keeps it, must
+    # read again in a new task: the slots test above checks that through each epoch's order)
     first = ray.get(one_task.remote(proc, 3))
     assert ray.get(clock.count.remote()) == 1  # three batches, one read
     ray.get(clock.set.remote(1))  # between executions, as the training workers move it
