@@ -52,7 +52,9 @@ def test_ingest(ray_cluster, tmp_path):
     _positive(r, "ray_images_per_s", "dataloader_images_per_s", "ratio", "cold_ratio")
     assert r["ratio"] == pytest.approx(r["ray_images_per_s"] / r["dataloader_images_per_s"])
     assert r["compute"] == "tasks"  # auto, as training resolves it on a cluster without GPUs
-    assert (r["ray_lanes"], r["dataloader_workers"]) == (2 * r["cpus"], r["cpus"])  # 0.5 CPU a lane
+    assert (r["ray_lanes"], r["dataloader_workers"]) == (r["cpus"], r["cpus"])
+    two = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "1", "--lanes-per-cpu", "2")
+    assert (two["ray_lanes"], two["ray_images"]) == (2 * two["cpus"], 8)  # 0.5 CPU a lane
 
 
 @pytest.mark.slow
