@@ -218,11 +218,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     import ray
 
+    from raypipe.data.pipeline import resolve_compute
+
     ensure_ray(args)
-    if args.compute == "auto":  # what pipeline.resolve_compute gives a training run here
-        args.compute = "actors" if ray.cluster_resources().get("GPU", 0) > 0 else "tasks"
     root = data_root(args)
-    cfg = bench_config(args, root)
+    # --compute auto becomes what a training run on this cluster resolves it to
+    cfg = resolve_compute(bench_config(args, root), use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    pool = cfg.pipeline.train
     split = split_of(cfg, args.images)
     built = training_pipeline(cfg, split)  # built once, run once per epoch, as in training
     ray_times, dl_times = [], []
@@ -239,10 +241,10 @@ def run(args) -> dict:
     return {
         "benchmark": "ingest", "data": root, "images": args.images, "image_size": args.image_size,
         "batch_size": args.batch_size, "cpus": args.actors, "cpu_count": os.cpu_count(),
-        "ray_lanes": args.actors * args.lanes_per_cpu, "dataloader_workers": args.actors,
+        "ray_lanes": pool.max_actors, "dataloader_workers": args.actors,
         "ray_images": ray_best[0], "dataloader_images": dl_best[0],
         "ray_images_per_s": ray_ips, "dataloader_images_per_s": dl_ips, "ratio": ray_ips / dl_ips,
-        "cold_ratio": cold_ratio, "compute": args.compute,
+        "cold_ratio": cold_ratio, "compute": pool.compute,
         "ray_startup_s": ray_best[2], "dataloader_startup_s": dl_best[2],
         "ray_steady_images_per_s": ray_steady, "dataloader_steady_images_per_s": dl_steady,
         "steady_ratio": ray_steady / dl_steady,

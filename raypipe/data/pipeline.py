@@ -119,7 +119,7 @@ class ImageBatchProcessor:
         self.max_pixels = conf.data.max_pixels
         self.ledger = ledger
         self.clock = clock
-        self._task_epoch: tuple[str, int] | None = None
+        self._task_epoch: tuple[str | None, int] = (None, 0)
 
     def _epoch(self) -> int:
         """The clock's epoch, read once per Ray task rather than once per batch: one clock actor
@@ -129,11 +129,8 @@ class ImageBatchProcessor:
         every batch of a task has the same epoch. An actor's calls are tasks of their own: they
         read it every time."""
         task = ray.get_runtime_context().get_task_id()
-        if task is None or self._task_epoch is None or self._task_epoch[0] != task:
-            epoch = ray.get(self.clock.get.remote())
-            if task is None:
-                return epoch
-            self._task_epoch = (task, epoch)
+        if task is None or self._task_epoch[0] != task:  # outside a task: read every time
+            self._task_epoch = (task, ray.get(self.clock.get.remote()))
         return self._task_epoch[1]
 
     def _load(self, path: str) -> np.ndarray:
