@@ -221,8 +221,11 @@ def test_search_interrupted_mid_trial_resumes_and_counts_every_epoch(ray_cluster
 
     from raypipe.tune.search import run_tune
 
+    # enough epochs that the trial cannot finish between the first epoch and the Ctrl-C taking
+    # effect (epochs of 32 images take about 0.3 s)
+    epochs = 8
     cli = ["--name", "irq", "--search", "grid", "--set", f"storage_path={tmp_path}", "--set", "subset=32",
-           "--set", "space={train.lr: [0.05, 0.01]}", "--set", "trial_overrides=[train.epochs=3]",
+           "--set", "space={train.lr: [0.05, 0.01]}", "--set", f"trial_overrides=[train.epochs={epochs}]",
            "--set", "scheduler={type: none}", "--set", "max_concurrent_trials=1", *SMALL]
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "tune.py"), *cli], cwd=ROOT,
                             env={**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"},
@@ -246,16 +249,16 @@ def test_search_interrupted_mid_trial_resumes_and_counts_every_epoch(ray_cluster
     assert proc.returncode == 130, out[-2000:] + err[-3000:]
     assert "interrupted: run the same command again (same --name irq)" in err
     first = _read_csv(tmp_path / "irq" / "results.csv")
-    assert [r["status"] for r in first] == ["interrupted"] and int(first[0]["epochs"]) < 3
+    assert [r["status"] for r in first] == ["interrupted"] and int(first[0]["epochs"]) < epochs
     interrupted = first[0]["trial_id"]
 
     # the same search again: the interrupted trial continues from its checkpoint, the other runs
     spec = _spec(tmp_path, "irq", search="grid", max_concurrent_trials=1, scheduler={"type": "none"},
-                 trial_overrides=["train.epochs=3"], space={"train.lr": [0.05, 0.01]})
+                 trial_overrides=[f"train.epochs={epochs}"], space={"train.lr": [0.05, 0.01]})
     best = run_tune(None, SMALL, spec)
     rows = {r["trial_id"]: r for r in _read_csv(tmp_path / "irq" / "results.csv")}
     assert len(rows) == 2 and best["interrupted"] == 0 and best["failed"] == 0
-    assert all(r["status"] == "done" and int(r["epochs"]) == 3 for r in rows.values())
+    assert all(r["status"] == "done" and int(r["epochs"]) == epochs for r in rows.values())
     history = json.loads((tmp_path / "irq" / "runs" / interrupted / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1, 2]  # epochs before the interrupt were kept
+    assert [h["epoch"] for h in history] == list(range(epochs))  # epochs before the interrupt were kept
     assert _wait_for_cpus(2.0) == 2.0
