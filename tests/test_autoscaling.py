@@ -108,9 +108,14 @@ def test_job_scales_cluster_up_and_down(fake_cluster, tmp_path, cache_dir):
     # the head has 1 CPU; a 1-CPU trainer worker plus the data actors need worker nodes
     results = tmp_path / "results"
     runtime_env = {"env_vars": {"RAYPIPE_CACHE": str(cache_dir)}}
+    # The working dir is used in place (local://), not uploaded: the fake nodes share one session
+    # folder, and each new node's runtime-env agent deletes and re-unpacks an uploaded working dir
+    # there, under the driver and TrainController already running in it (once a TrainController
+    # died of it: "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"). Real nodes have their own
+    # disks; the upload path is tested on the shared cluster (test_job_submit).
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", url, "--no-wait", "--submission-id", "autoscale-test",
-         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
+         "--working-dir", f"local://{ROOT}", "--runtime-env-json", json.dumps(runtime_env), "--",
          "python", "jobs/train.py", "train.epochs=1", "preprocess.image_size=32",
          "train.num_workers=1", "train.cpus_per_worker=1", "train.batch_size=16",
          "run.tensorboard=false", f"run.storage_path={results}", "run.name=autoscaled"],
