@@ -20,7 +20,13 @@ from conftest import ROOT, TAME, make_image_folder
 
 from raypipe.config import load_config
 from raypipe.data.sources import DataSourceError, discover
-from raypipe.train.trainer import RunError, _explain_storage, _write_text, run_training
+from raypipe.train.trainer import (
+    RunError,
+    _explain_storage,
+    _write_text,
+    remove_unregistered_checkpoints,
+    run_training,
+)
 
 # ---------------------------------------------------------------- results destination
 
@@ -125,6 +131,57 @@ def _epochs_kept(run_dir: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("checkpoint_epoch")) for p in run_dir.glob("checkpoint_epoch*"))
 
 
+def ray_snapshot(registered: list[str], latest: str | None = None) -> str:
+    """``checkpoint_manager_snapshot.json`` as Ray Train writes it (its own model, so a change of
+    Ray's format fails here)."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    def result(name):
+        return _TrainingResultState(checkpoint_dir_name=name, metrics={"epoch": 0})
+
+    return _CheckpointManagerState(
+        checkpoint_results=[result(n) for n in registered],
+        checkpoint_report_indices=list(range(len(registered))),
+        latest_checkpoint_result=result(latest) if latest else None,
+        pending_training_results=[], pending_validation_specs=[], current_report_index=0,
+        validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[],
+    ).model_dump_json()
+
+
+def test_checkpoints_ray_never_registered_are_removed(tmp_path: Path) -> None:
+    """A run stopped while a checkpoint was being written leaves a half-written folder; Ray Train
+    did not register it, so it goes; registered ones and everything else stay."""
+    run = tmp_path / "run"
+    for name in ("checkpoint_epoch0000", "checkpoint_epoch0001", "checkpoint_epoch0002"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.pt").write_bytes(b"PK\x03\x04 truncated")
+    (run / "history.json").write_text("[]")
+    (run / "checkpoint_manager_snapshot.json").write_text(
+        ray_snapshot(["checkpoint_epoch0000"], latest="checkpoint_epoch0001"))
+    removed = remove_unregistered_checkpoints(str(run))
+    assert removed == [str(run / "checkpoint_epoch0002")]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint_epoch0000", "checkpoint_epoch0001", "checkpoint_manager_snapshot.json",
+        "history.json"]
+
+    # no snapshot: Ray registered nothing, so no folder is a finished checkpoint
+    (run / "checkpoint_manager_snapshot.json").unlink()
+    assert len(remove_unregistered_checkpoints(str(run))) == 2
+    assert sorted(p.name for p in run.iterdir()) == ["history.json"]
+
+    # a snapshot that cannot be read: nothing is deleted on a guess
+    (run / "checkpoint_epoch0003").mkdir()
+    (run / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_res')
+    assert remove_unregistered_checkpoints(str(run)) == []
+    assert (run / "checkpoint_epoch0003").is_dir()
+    # a run directory that does not exist yet has nothing to remove
+    assert remove_unregistered_checkpoints(str(tmp_path / "new")) == []
+
+
 @pytest.mark.slow
 def test_interrupted_run_keeps_its_results_resumes_and_keeps_the_best(ray_cluster, tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "imgs", {"a": 8, "b": 8})
@@ -152,7 +209,12 @@ def test_interrupted_run_keeps_its_results_resumes_and_keeps_the_best(ray_cluste
     assert 2 <= len(first["history"]) < 5
     assert first["data"]["files_found"] == first["data"]["files_used"] == 16
     epoch0 = first["history"][0]
-    for ckpt in _checkpoints(run_dir):  # what was saved loads safely
+    # every checkpoint folder left is one Ray registered (a half-written one, from a Ctrl-C while
+    # it was being written, is removed) and loads safely
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    registered = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    assert {p.parent.name for p in _checkpoints(run_dir)} <= registered
+    for ckpt in _checkpoints(run_dir):
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         assert state["epoch"] < 6 and state["model"]
 

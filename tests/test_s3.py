@@ -223,6 +223,25 @@ def test_train_job_reads_and_writes_s3(s3, ray_cluster, cache_dir):
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
 
 
+def test_unregistered_checkpoints_are_removed_from_s3(s3):
+    from test_faults import ray_snapshot
+
+    from raypipe.train.trainer import remove_unregistered_checkpoints
+
+    _, _, client = s3
+    for name in ("checkpoint_epoch0000", "checkpoint_epoch0001"):
+        for f in ("model.pt", "meta.json"):
+            client.put_object(Bucket=BUCKET, Key=f"runs/cut/{name}/{f}", Body=b"x")
+    client.put_object(Bucket=BUCKET, Key="runs/cut/checkpoint_manager_snapshot.json",
+                      Body=ray_snapshot(["checkpoint_epoch0000"]).encode())
+    removed = remove_unregistered_checkpoints(f"s3://{BUCKET}/runs/cut")
+    assert removed == [f"s3://{BUCKET}/runs/cut/checkpoint_epoch0001"]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/cut/")["Contents"]}
+    keys.discard("runs/cut/")  # the folder marker pyarrow leaves after deleting in a folder
+    assert keys == {"runs/cut/checkpoint_epoch0000/model.pt", "runs/cut/checkpoint_epoch0000/meta.json",
+                    "runs/cut/checkpoint_manager_snapshot.json"}
+
+
 def test_missing_results_bucket_fails_before_training(s3):
     from raypipe.cli import load
     from raypipe.train.trainer import RunError, run_training

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 from ray.data.dataset import MaterializedDataset
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -21,7 +22,7 @@ from raypipe.data import pipeline
 from raypipe.data.sources import DatasetSplit, Record, discover, get_filesystem, join_uri, subset
 from raypipe.train.doctor import TrainingDiverged
 from raypipe.train.losses import inverse_prevalence_weights
-from raypipe.train.worker import DIVERGED_FILE, train_func
+from raypipe.train.worker import CHECKPOINT_PREFIX, DIVERGED_FILE, train_func
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,52 @@ def _read_json(uri: str) -> Any:
             return json.loads(f.read().decode())
     except (OSError, FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+# Ray Train's own record, in the run directory, of the checkpoints it registered
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
+    """Delete the ``checkpoint_epochNNNN`` folders of ``run_dir`` that Ray Train never registered
+    and return their URIs. A worker writes a checkpoint's files straight into its final folder
+    and Ray registers it (in ``checkpoint_manager_snapshot.json``) once they are all written, so
+    an interrupt or crash in between leaves a half-written folder (a truncated ``model.pt``) that
+    resuming ignores but a person or ``jobs/evaluate.py`` could pick up. Nothing is deleted when
+    the snapshot exists but cannot be read."""
+    text = _read_text(join_uri(run_dir, CHECKPOINT_SNAPSHOT))
+    registered: set[str] = set()
+    if text is not None:
+        try:
+            snapshot = json.loads(text)
+            results = [*snapshot.get("checkpoint_results", []),
+                       *snapshot.get("pending_training_results", []),
+                       snapshot.get("latest_checkpoint_result") or {}]
+            registered = {r["checkpoint_dir_name"] for r in results if r}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            log.warning("cannot read %s; leaving the checkpoint folders as they are",
+                        join_uri(run_dir, CHECKPOINT_SNAPSHOT))
+            return []
+    fs, path = get_filesystem(run_dir)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        name = entry.base_name
+        if (entry.type == pafs.FileType.Directory and name.startswith(CHECKPOINT_PREFIX)
+                and name not in registered):
+            try:
+                fs.delete_dir(entry.path)
+            except OSError as exc:
+                log.warning("cannot remove the unfinished checkpoint %s: %s",
+                            join_uri(run_dir, name), exc)
+                continue
+            removed.append(join_uri(run_dir, name))
+            log.warning("removed %s: Ray Train never registered it (the run stopped while it was "
+                        "being written)", join_uri(run_dir, name))
+    return removed
 
 
 def validate_split(split: DatasetSplit, cfg: Config) -> None:
@@ -341,6 +388,7 @@ def run_training(
     _write_text(join_uri(run_dir, "config.yaml"), config_to_yaml(cfg))
     log.info("classes %s; counts %s", split.class_names, split.counts())
     _remove(join_uri(run_dir, DIVERGED_FILE))  # a resumed run starts healthy
+    remove_unregistered_checkpoints(run_dir)  # left by an earlier run that was killed
     trainer, ledger = build_trainer(cfg, split, train_records, callbacks)
     records = split.train if train_records is None else train_records
     try:
@@ -442,6 +490,7 @@ def _write_partial_summary(
     """Best effort: what an interrupted or failed run had done (epochs so far, files skipped),
     so nothing is lost silently. Checkpoints already reported stay valid for resuming."""
     run_dir = run_dir_of(cfg)
+    remove_unregistered_checkpoints(run_dir)
     data, skipped = file_accounting(split, records, _bad_files(ledger, timeout=10.0))
     summary = {
         "status": status,

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
+CHECKPOINT_PREFIX = "checkpoint_epoch"  # + the epoch, four digits: checkpoint_epoch0003
 
 
 def gather_predictions(labels: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -311,7 +312,7 @@ def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, 
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}",
+            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:04d}",
         )
     # after the report, which has persisted the checkpoint: history.json never lists an epoch
     # that a restart would have to train again
