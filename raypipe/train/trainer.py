@@ -490,7 +490,10 @@ def _write_partial_summary(
     """Best effort: what an interrupted or failed run had done (epochs so far, files skipped),
     so nothing is lost silently. Checkpoints already reported stay valid for resuming."""
     run_dir = run_dir_of(cfg)
-    remove_unregistered_checkpoints(run_dir)
+    try:
+        remove_unregistered_checkpoints(run_dir)
+    except Exception:  # noqa: BLE001 - a partial summary must not hide the original error
+        log.warning("could not check %s for unfinished checkpoints", run_dir, exc_info=True)
     data, skipped = file_accounting(split, records, _bad_files(ledger, timeout=10.0))
     summary = {
         "status": status,
