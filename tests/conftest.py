@@ -119,3 +119,24 @@ def kill_cluster(temp_dir: str) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(victims, timeout=10)
+
+
+def ray_snapshot(registered: list[str], latest: str | None = None) -> str:
+    """``checkpoint_manager_snapshot.json`` as Ray Train writes it (its own model, so a change of
+    Ray's format fails here)."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    def result(name):
+        return _TrainingResultState(checkpoint_dir_name=name, metrics={"epoch": 0})
+
+    return _CheckpointManagerState(
+        checkpoint_results=[result(n) for n in registered],
+        checkpoint_report_indices=list(range(len(registered))),
+        latest_checkpoint_result=result(latest) if latest else None,
+        pending_training_results=[], pending_validation_specs=[], current_report_index=0,
+        validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[],
+    ).model_dump_json()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TAME, make_image_folder
+from conftest import ROOT, TAME, make_image_folder, ray_snapshot
 
 from raypipe.config import load_config
 from raypipe.data.sources import DataSourceError, discover
@@ -129,27 +129,6 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 def _epochs_kept(run_dir: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("checkpoint_epoch")) for p in run_dir.glob("checkpoint_epoch*"))
-
-
-def ray_snapshot(registered: list[str], latest: str | None = None) -> str:
-    """``checkpoint_manager_snapshot.json`` as Ray Train writes it (its own model, so a change of
-    Ray's format fails here)."""
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
-        _CheckpointManagerState,
-        _TrainingResultState,
-    )
-
-    def result(name):
-        return _TrainingResultState(checkpoint_dir_name=name, metrics={"epoch": 0})
-
-    return _CheckpointManagerState(
-        checkpoint_results=[result(n) for n in registered],
-        checkpoint_report_indices=list(range(len(registered))),
-        latest_checkpoint_result=result(latest) if latest else None,
-        pending_training_results=[], pending_validation_specs=[], current_report_index=0,
-        validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
-        failed_validation_checkpoint_dir_names=[],
-    ).model_dump_json()
 
 
 def test_checkpoints_ray_never_registered_are_removed(tmp_path: Path) -> None:

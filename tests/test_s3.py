@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TAME, make_image_folder, run_job
+from conftest import ROOT, TAME, make_image_folder, ray_snapshot, run_job
 
 BUCKET = "raypipe-test"
 # distinctive, so a leak into logs or output would be found by a plain substring search
@@ -224,8 +224,6 @@ def test_train_job_reads_and_writes_s3(s3, ray_cluster, cache_dir):
 
 
 def test_unregistered_checkpoints_are_removed_from_s3(s3):
-    from test_faults import ray_snapshot
-
     from raypipe.train.trainer import remove_unregistered_checkpoints
 
     _, _, client = s3

@@ -197,17 +197,18 @@ def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
     removed = []
     for entry in entries:
         name = entry.base_name
-        if (entry.type == pafs.FileType.Directory and name.startswith(CHECKPOINT_PREFIX)
-                and name not in registered):
-            try:
-                fs.delete_dir(entry.path)
-            except OSError as exc:
-                log.warning("cannot remove the unfinished checkpoint %s: %s",
-                            join_uri(run_dir, name), exc)
-                continue
-            removed.append(join_uri(run_dir, name))
-            log.warning("removed %s: Ray Train never registered it (the run stopped while it was "
-                        "being written)", join_uri(run_dir, name))
+        if (entry.type != pafs.FileType.Directory or not name.startswith(CHECKPOINT_PREFIX)
+                or name in registered):
+            continue
+        uri = join_uri(run_dir, name)
+        try:
+            fs.delete_dir(entry.path)
+        except OSError as exc:
+            log.warning("cannot remove the unfinished checkpoint %s: %s", uri, exc)
+            continue
+        removed.append(uri)
+        log.warning("removed %s: Ray Train never registered it (the run stopped while it was "
+                    "being written)", uri)
     return removed
 
 
