@@ -134,7 +134,13 @@ class PipelineConfig(_Section):
         "stream")
     prefetch_next_epoch: bool = Field(
         True, description="start the next epoch's training pipeline (actor start-up, first batch) "
-        "while the current epoch validates and checkpoints")
+        "while the current epoch validates and checkpoints (with one_execution: false)")
+    one_execution: bool = Field(
+        True, description="stream every epoch of a run through one Ray Data execution (slots "
+        "epoch * n + i), so that its start-up (about 1 s of zero budget, new actors) and its "
+        "drain are paid once per run, not once per epoch; each worker cuts its stream into "
+        "epochs by row count. Falls back to one execution per epoch where the cluster cannot "
+        "hold the training and validation pools at once (README, Performance)")
 
 
 class ModelConfig(_Section):

@@ -191,6 +191,22 @@ def test_layout_that_fits() -> None:
     assert not layout.use_gpu and layout.train_cpus == 1.0
 
 
+def test_one_execution_only_where_validation_can_run_beside_the_training_stream() -> None:
+    from raypipe.train.trainer import overlaps_validation
+
+    cfg = _cfg("pipeline.cache_val_mb=0")  # validation streams through its own pool every epoch
+    two, three = resolve_layout(cfg, {"CPU": 2.0}), resolve_layout(cfg, {"CPU": 3.0})
+    # 2 workers x 0.5 CPU + a training pool of 1 x 0.5 + a validation pool of 1 x 0.5
+    assert overlaps_validation(cfg, three, 40)
+    assert not overlaps_validation(cfg, resolve_layout(cfg, {"CPU": 1.9}), 40)
+    assert overlaps_validation(cfg, two, 40)  # exactly fits
+    small = _cfg("train.cpus_per_worker=0.75")  # 1.5 + 0.5: no room for the validation pool
+    squeezed = resolve_layout(small, {"CPU": 2.0})
+    assert overlaps_validation(small, squeezed, 40)  # 40 images of 3 x 64 x 64 floats: cached
+    assert not overlaps_validation(small.model_copy(update={"pipeline": small.pipeline.model_copy(
+        update={"cache_val_mb": 0.1})}), squeezed, 40)  # 1.9 MiB over 0.1 MiB: streamed
+
+
 # ---------------------------------------------------------------- through the job
 
 

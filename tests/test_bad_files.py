@@ -209,7 +209,8 @@ def _job_args(root: Path, storage: Path, name: str, *extra: str) -> list[str]:
 def test_job_skips_bad_files_and_the_counts_add_up(ray_cluster, tmp_path: Path) -> None:
     exp = _hostile_folder(tmp_path / "data")
     proc = run_job("train.py", *_job_args(exp["train"], tmp_path / "runs", "hostile",
-                                          f"data.val_root={exp['val']}", "data.max_bad_fraction=0.3"),
+                                          f"data.val_root={exp['val']}", "data.max_bad_fraction=0.3",
+                                          "train.epochs=3"),
                    env={"RAY_ADDRESS": ray_cluster})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "hostile"
@@ -227,6 +228,13 @@ def test_job_skips_bad_files_and_the_counts_add_up(ray_cluster, tmp_path: Path) 
         rows = list(csv.DictReader(f))
     assert {r["file"]: r["reason"] for r in rows} == skipped
     assert summary["status"] == "finished"
+    # one stream for all epochs, cut by row count at batch ends: the skipped files are taken
+    # off every epoch's share, so each epoch is within one batch (4 per worker) of its share of
+    # the readable training files (else each epoch would also take the rows its skipped files
+    # left out from the next, and the last epoch would come out short by all of them)
+    share = (data["files_used"] - data["val_total"]) // 2
+    samples = [h["train_samples"] for h in summary["history"]]
+    assert len(samples) == 3 and all(abs(n - share) < 4 for n in samples), (samples, share)
 
 
 @pytest.mark.slow

@@ -84,6 +84,9 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint(ray_cluster, cache_dir
     history = summary["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2], "the right epoch count, none repeated"
     assert history[0]["train_loss"] == epoch0["train_loss"], "restarted from the checkpoint"
+    # every epoch trains on its share of rows, before and after the restart (a resumed stream
+    # skips the epochs already trained: no short or empty epoch)
+    assert len({(h["train_samples"], h["train_steps"]) for h in history}) == 1, history
     assert _epochs_kept(run_dir) == [0, 1, 2], "no checkpoint lost"
     assert "[FailurePolicy] RETRY" in output, "Ray Train restarted the worker group"
     for e in (0, 1, 2):

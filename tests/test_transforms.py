@@ -277,3 +277,90 @@ def test_a_task_reads_the_epoch_clock_once_for_all_its_batches(ray_cluster, tmp_
     assert ray.get(clock.count.remote()) == 2  # a new task reads it again
     np.testing.assert_array_equal(first[0], first[2])
     assert not np.allclose(first[0], later[0])  # and draws with the new epoch
+
+
+@pytest.mark.ray
+def test_one_execution_streams_every_epoch_as_per_epoch_runs_do_and_a_resume_skips(ray_cluster,
+                                                                                   tmp_path):
+    """``pipeline.one_execution``: slots ``e * n + i`` in one execution give each epoch the same
+    files, order and augmentation as that epoch's own execution; with the clock at 1 (a run
+    resumed after epoch 0) epoch 0's slots give nothing."""
+    import ray
+
+    from raypipe.config import ActorPool
+    from raypipe.data.pipeline import (
+        BadFileLedger,
+        EpochClock,
+        _map,
+        _records_table,
+        _slots_dataset,
+        epoch_order,
+    )
+    from raypipe.data.sources import Record, discover
+
+    folder = make_image_folder(tmp_path / "imgs", {"a": 3, "b": 2}, size=(20, 16))
+    cfg = Config.model_validate({"data": {"root": str(folder)}, "preprocess": {"image_size": 8},
+                                 "augment": ALL_ON.model_dump(), "train": {"seed": 3}})
+    split = discover(cfg.data)
+    records = [Record(r.path, i, r.key) for i, r in enumerate(split.train + split.val)]
+    n = len(records)
+    pool = ActorPool(min_actors=1, max_actors=2, cpus_per_actor=0.5, batch_size=3, compute="tasks")
+    table = ray.put(_records_table(records))
+
+    def stage(epochs: int, clock, whole_run: bool):
+        return _map(_slots_dataset(n, cfg, pool, epochs), pool,
+                    {"filesystem": split.filesystem, "cfg": cfg.to_dict(),
+                     "ledger": BadFileLedger.remote(n, 0.0, "fail"), "clock": clock,
+                     "augment": True, "records": table, "whole_run": whole_run})
+
+    ctx = ray.data.DataContext.get_current()
+    keep = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        clock = EpochClock.remote()
+        ray.get(clock.set.remote(1))  # resumed after epoch 0
+        whole = stage(3, clock, True).take_all()
+        per_epoch = []
+        for epoch in (1, 2):
+            ray.get(clock.set.remote(epoch))
+            per_epoch += stage(1, clock, False).take_all()
+    finally:
+        ctx.execution_options.preserve_order = keep
+    labels = [int(r["label"]) for r in whole]
+    assert labels == list(epoch_order(n, 3, 1)) + list(epoch_order(n, 3, 2))  # no epoch 0 rows
+    assert labels == [int(r["label"]) for r in per_epoch]
+    for a, b in zip(whole, per_epoch, strict=True):  # the same augmentation draw, epoch by epoch
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.allclose(whole[0]["image"], whole[n + labels[n:].index(labels[0])]["image"])
+
+
+def test_epoch_stream_cuts_one_stream_into_epochs_by_row_count():
+    from raypipe.train.worker import EpochStream
+
+    def batches(rows: int, size: int = 4):
+        ids = list(range(rows))
+        return [{"label": np.array(ids[i:i + size])} for i in range(0, rows, size)]
+
+    stream = EpochStream(batches(30), rows_per_epoch=10, epochs=3)
+    epochs = [[b["label"].tolist() for b in stream.epoch()] for _ in range(3)]
+    # an epoch ends with the batch that reaches its rows; the last one takes the rest
+    assert [len(e) for e in epochs] == [3, 2, 3]
+    assert sum((sum(e, []) for e in epochs), []) == list(range(30))  # every row once, in order
+    # a shorter stream (files skipped as unreadable): the epochs end where the rows run out
+    short = EpochStream(batches(14), rows_per_epoch=10, epochs=3)
+    assert [sum(len(b["label"]) for b in short.epoch()) for _ in range(3)] == [12, 2, 0]
+
+    # 1 of 10 files per epoch unreadable, found while the first epoch streams: the count is
+    # asked again near each epoch's end (within ``slack`` rows), so every epoch gets 9 rows
+    asked = []
+
+    def rows() -> int:
+        asked.append(1)
+        return 10 if len(asked) == 1 else 9
+
+    def sizes(stream) -> list[int]:
+        return [sum(len(b["label"]) for b in stream.epoch()) for _ in range(3)]
+
+    assert sizes(EpochStream(batches(27, 3), rows, epochs=3, slack=2)) == [9, 9, 9]
+    asked.clear()
+    assert sizes(EpochStream(batches(27, 3), rows, epochs=3)) == [12, 9, 6]  # asked at the start only

@@ -2,10 +2,12 @@
 
 Both read the same files and apply the identical per-image work (read -> decode -> preprocess ->
 augment) into batches of the same size, drained by a no-op consumer; the DataLoader gets as many
-worker processes as the Ray pipeline gets CPUs. The Ray pipeline is built once and run once per
-epoch, as a training run runs it; ``ratio`` compares the best epoch of each, ``cold_ratio`` the
-first (where Ray starts its worker processes or actors). This module also holds the helpers the other
-benchmarks share (image folders, configs, record lists, draining).
+worker processes as the Ray pipeline gets CPUs. The Ray pipeline runs as a training run runs it:
+every epoch through one execution (``pipeline.one_execution``), or with
+``--execution-per-epoch`` built once and run once per epoch. ``ratio`` compares all epochs, every
+start-up included, ``cold_ratio`` the first (where Ray starts its worker processes or actors),
+``steady_ratio`` everything after the first batch. This module
+also holds the helpers the other benchmarks share (image folders, configs, record lists, draining).
 """
 
 from __future__ import annotations
@@ -136,15 +138,39 @@ def drain(batches) -> tuple[int, float, float]:
     return n, time.perf_counter() - t0, first or 0.0
 
 
-def training_pipeline(cfg: Config, split: DatasetSplit):
+def training_pipeline(cfg: Config, split: DatasetSplit, whole_run: bool = False):
     """(dataset, epoch clock): the Ray training pipeline alone. Its validation set is not
     preprocessed ahead of time (``pipeline.cache_val_mb=0``), so nothing runs before the
-    benchmark's clock starts."""
+    benchmark's clock starts. ``whole_run``: all ``train.epochs`` epochs in one execution."""
     from raypipe.data import pipeline
 
     cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"cache_val_mb": 0})})
-    train, _, _, clock = pipeline.build_datasets(cfg, split)
+    train, _, _, clock = pipeline.build_datasets(cfg, split, whole_run=whole_run)
     return train, clock
+
+
+def drain_epochs(batches, n: int, epochs: int) -> list[tuple[int, float, float]]:
+    """:func:`drain` for a stream of ``epochs`` epochs of ``n`` images each, cut by row count
+    as a training worker cuts it (:class:`~raypipe.train.worker.EpochStream`): each epoch's
+    (images, seconds, seconds to its first batch), timed from the end of the epoch before."""
+    from raypipe.train.worker import EpochStream
+
+    stream = EpochStream(batches, n, epochs)
+    return [drain(stream.epoch()) for _ in range(epochs)]
+
+
+def ray_run(cfg: Config, split: DatasetSplit, batch_size: int,
+            epochs: int) -> list[tuple[int, float, float]]:
+    """``epochs`` epochs of the Ray training pipeline streamed through one execution, as a
+    training run with ``pipeline.one_execution`` runs it; per epoch, see :func:`drain_epochs`."""
+    import ray
+
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    train, clock = training_pipeline(cfg, split, whole_run=True)
+    ray.get(clock.set.remote(0))
+    return drain_epochs(train.iter_torch_batches(batch_size=batch_size,
+                                                 prefetch_batches=cfg.pipeline.prefetch_batches),
+                        len(split.train), epochs)
 
 
 def ray_epoch(cfg: Config, split: DatasetSplit, batch_size: int, built=None,
@@ -206,13 +232,29 @@ def dataloader_epoch(cfg: Config, split: DatasetSplit, batch_size: int,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p, compute="auto")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of each; the best is reported")
+    p.add_argument("--epochs", type=int, default=8,
+                   help="epochs of each; the ratio is over all of them, every start-up included "
+                        "(the first epoch alone: cold_ratio)")
     p.add_argument("--lanes-per-cpu", type=int, default=1,
                    help="Ray Data tasks (or actors) per CPU of the stage, each with 1/k CPU (the "
                         "shipped configs give each 0.5 CPU). 2 lanes per CPU hide Ray Data's "
                         "scheduling gaps on epochs of thousands of images and cost on small ones "
                         "(README, Performance). The DataLoader keeps one worker per CPU, its "
                         "fastest setting here")
+    p.add_argument("--execution-per-epoch", action="store_true",
+                   help="run the Ray pipeline once per epoch (pipeline.one_execution=false) "
+                        "instead of every epoch through one execution")
+
+
+def rate(times: list[tuple[int, float, float]]) -> float:
+    """Images per second over the given epochs of (images, seconds, first batch)."""
+    return sum(t[0] for t in times) / max(sum(t[1] for t in times), 1e-9)
+
+
+def steady_rate(times: list[tuple[int, float, float]], batch_size: int) -> float:
+    """Images per second over the given epochs after the first epoch's first batch."""
+    images = sum(t[0] for t in times) - min(batch_size, times[0][0])
+    return images / max(sum(t[1] for t in times) - times[0][2], 1e-9)
 
 
 def run(args) -> dict:
@@ -223,37 +265,47 @@ def run(args) -> dict:
     ensure_ray(args)
     root = data_root(args)
     # --compute auto becomes what a training run on this cluster resolves it to
-    cfg = resolve_compute(bench_config(args, root), use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    extra = ["pipeline.one_execution=false"] if getattr(args, "execution_per_epoch", False) else []
+    cfg = resolve_compute(bench_config(args, root, extra),
+                          use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
     pool = cfg.pipeline.train
     split = split_of(cfg, args.images)
-    built = training_pipeline(cfg, split)  # built once, run once per epoch, as in training
     ray_times, dl_times = [], []
-    for epoch in range(args.epochs):  # alternate, so that machine noise hits both alike
-        ray_times.append(ray_epoch(cfg, split, args.batch_size, built, epoch))
-        dl_times.append(dataloader_epoch(cfg, split, args.batch_size, args.actors))
-    ray_best, dl_best = min(ray_times, key=lambda t: t[1]), min(dl_times, key=lambda t: t[1])
+    if cfg.pipeline.one_execution:  # every epoch in one execution, then as many DataLoader epochs
+        ray_times = ray_run(cfg, split, args.batch_size, args.epochs)
+        dl_times = [dataloader_epoch(cfg, split, args.batch_size, args.actors)
+                    for _ in range(args.epochs)]
+    else:
+        built = training_pipeline(cfg, split)  # built once, run once per epoch, as in training
+        for epoch in range(args.epochs):  # alternate, so that machine noise hits both alike
+            ray_times.append(ray_epoch(cfg, split, args.batch_size, built, epoch))
+            dl_times.append(dataloader_epoch(cfg, split, args.batch_size, args.actors))
+    # the whole run, every start-up included: what a training run of these epochs gets. (Not the
+    # best epoch: one execution hands over blocks of up to pipeline.block_rows rows, so epochs
+    # cut by row count borrow rows from each other; only their sum is a fair time)
+    ray_ips, dl_ips = rate(ray_times), rate(dl_times)
     # the first epoch of each: Ray's worker processes (or actors) and their imports start there
-    cold_ratio = (ray_times[0][0] / ray_times[0][1]) / (dl_times[0][0] / dl_times[0][1])
-    ray_ips, dl_ips = ray_best[0] / ray_best[1], dl_best[0] / dl_best[1]
-    # after the first batch: throughput once the workers run, without the per-epoch start-up
-    ray_steady = (ray_best[0] - args.batch_size) / max(ray_best[1] - ray_best[2], 1e-9)
-    dl_steady = (dl_best[0] - args.batch_size) / max(dl_best[1] - dl_best[2], 1e-9)
+    cold_ratio = rate(ray_times[:1]) / rate(dl_times[:1])
+    # after the run's first batch: throughput once the workers run
+    ray_steady, dl_steady = steady_rate(ray_times, args.batch_size), steady_rate(dl_times, args.batch_size)
     return {
         "benchmark": "ingest", "data": root, "images": args.images, "image_size": args.image_size,
         "batch_size": args.batch_size, "cpus": args.actors, "cpu_count": os.cpu_count(),
-        "ray_lanes": pool.max_actors, "dataloader_workers": args.actors,
-        "ray_images": ray_best[0], "dataloader_images": dl_best[0],
+        "ray_lanes": pool.max_actors, "dataloader_workers": args.actors, "epochs": args.epochs,
+        "ray_images": sum(t[0] for t in ray_times), "dataloader_images": sum(t[0] for t in dl_times),
         "ray_images_per_s": ray_ips, "dataloader_images_per_s": dl_ips, "ratio": ray_ips / dl_ips,
         "cold_ratio": cold_ratio, "compute": pool.compute,
-        "ray_startup_s": ray_best[2], "dataloader_startup_s": dl_best[2],
+        "one_execution": cfg.pipeline.one_execution,
+        "ray_startup_s": ray_times[0][2], "dataloader_startup_s": dl_times[0][2],
         "ray_steady_images_per_s": ray_steady, "dataloader_steady_images_per_s": dl_steady,
         "steady_ratio": ray_steady / dl_steady,
         "ray_epoch_s": [t[1] for t in ray_times], "dataloader_epoch_s": [t[1] for t in dl_times],
         "target_ratio": 1.0,
-        "table": [{"pipeline": "ray_data", "images_per_s": ray_ips, "epoch_s": ray_best[1],
-                   "first_batch_s": ray_best[2], "steady_images_per_s": ray_steady},
-                  {"pipeline": "torch_dataloader", "images_per_s": dl_ips, "epoch_s": dl_best[1],
-                   "first_batch_s": dl_best[2], "steady_images_per_s": dl_steady},
+        "table": [{"pipeline": "ray_data", "images_per_s": ray_ips, "run_s": sum(t[1] for t in ray_times),
+                   "first_batch_s": ray_times[0][2], "steady_images_per_s": ray_steady},
+                  {"pipeline": "torch_dataloader", "images_per_s": dl_ips,
+                   "run_s": sum(t[1] for t in dl_times), "first_batch_s": dl_times[0][2],
+                   "steady_images_per_s": dl_steady},
                   {"pipeline": "ratio ray/dataloader", "images_per_s": ray_ips / dl_ips,
                    "steady_images_per_s": ray_steady / dl_steady},
                   {"pipeline": "ratio, first epochs", "images_per_s": cold_ratio}],

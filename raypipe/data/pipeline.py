@@ -44,10 +44,14 @@ class BadFileLedger:
         self.max_fraction = max_fraction
         self.policy = policy
         self.bad: dict[str, str] = {}
+        self.training: set[str] = set()
 
-    def record(self, key: str, reason: str) -> str | None:
-        """Record a bad file; returns an error message when the run must stop, else None."""
+    def record(self, key: str, reason: str, training: bool = False) -> str | None:
+        """Record a bad file (``training``: one of the training set's); returns an error message
+        when the run must stop, else None."""
         self.bad.setdefault(key, reason)
+        if training:
+            self.training.add(key)
         if self.policy == "fail":
             return (f"unreadable image '{key}': {reason}. Fix or remove the file, or set "
                     "data.on_bad_file=skip to skip (and list) unreadable files.")
@@ -71,6 +75,10 @@ class BadFileLedger:
 
     def items(self) -> dict[str, str]:
         return dict(self.bad)
+
+    def training_count(self) -> int:
+        """Training files found unreadable so far (each epoch streams that many fewer rows)."""
+        return len(self.training)
 
 
 @ray.remote(num_cpus=0)
@@ -100,15 +108,19 @@ class ImageBatchProcessor:
         augment: bool = False,
         records: Any = None,
         reshuffle: bool = True,
+        whole_run: bool = False,
     ):
         conf = Config.model_validate(cfg)
         # training rows are slots; ``records`` (a path/label/key table, or its ObjectRef) and the
         # epoch's permutation say which file each slot is (see :func:`epoch_order`); without
-        # ``reshuffle`` every epoch keeps epoch 0's order (the overfit check)
+        # ``reshuffle`` every epoch keeps epoch 0's order (the overfit check). ``whole_run``: the
+        # slots cover every epoch of the run (slot ``e * n + i`` is position ``i`` of epoch
+        # ``e``), and the clock holds the first epoch to produce (a resumed run skips the rest)
         self.records = ray.get(records) if isinstance(records, ray.ObjectRef) else records
         self.reshuffle = reshuffle
+        self.whole_run = whole_run
         self.seed = conf.train.seed
-        self._order: tuple[int, np.ndarray] | None = None
+        self._orders: dict[int, np.ndarray] = {}
         self.fs = filesystem
         self.pre = Preprocessor(conf.preprocess)
         self.aug = Augmenter(conf.augment, conf.train.seed) if augment else None
@@ -144,36 +156,64 @@ class ImageBatchProcessor:
             raise gone from None
         return decode_image(data, max_pixels=self.max_pixels, gray=self.gray, draft_size=self.draft)
 
-    def _files(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+    def _row_epochs(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(batch, each row's epoch). Whole-run slots carry their epoch (rows of epochs before the
+        clock's, already trained by a resumed run, are dropped); otherwise every row is in the
+        clock's epoch."""
+        rows = len(next(iter(batch.values()))) if batch else 0
+        if self.whole_run and "slot" in batch:
+            epochs = batch["slot"] // max(1, self.records.num_rows)
+            first = self._epoch() if self.clock is not None else 0
+            if first and (epochs < first).any():
+                keep = epochs >= first
+                batch, epochs = {k: v[keep] for k, v in batch.items()}, epochs[keep]
+            return batch, epochs
+        needs_epoch = self.aug is not None or ("slot" in batch and self.reshuffle)
+        epoch = self._epoch() if needs_epoch and self.clock is not None else 0
+        return batch, np.full(rows, epoch, np.int64)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        epoch = epoch if self.reshuffle else 0
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:  # a batch spans at most the end of one epoch and the next
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = epoch_order(self.records.num_rows, self.seed, epoch)
+        return self._orders[epoch]
+
+    def _files(self, batch: dict[str, np.ndarray], epochs: np.ndarray) -> dict[str, np.ndarray]:
         """The batch's {path, label, key}: as given, or looked up for its slots."""
         if "slot" not in batch:
             return batch
-        epoch = epoch if self.reshuffle else 0
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.records.num_rows, self.seed, epoch))
-        rows = self.records.take(self._order[1][batch["slot"]])
+        pos = batch["slot"] % max(1, self.records.num_rows)
+        index = np.empty(len(pos), np.int64)
+        for epoch in np.unique(epochs):
+            rows = epochs == epoch
+            index[rows] = self._order(int(epoch))[pos[rows]]
+        rows = self.records.take(index)
         return {k: rows[k].to_numpy(zero_copy_only=False) for k in ("path", "label", "key")}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        needs_epoch = self.aug is not None or ("slot" in batch and self.reshuffle)
-        epoch = self._epoch() if needs_epoch and self.clock is not None else 0
-        batch = self._files(batch, epoch)
+        training = "slot" in batch
+        batch, epochs = self._row_epochs(batch)
+        batch = self._files(batch, epochs)
         images, labels = [], []
-        for path, label, key in zip(batch["path"], batch["label"], batch["key"], strict=True):
+        for path, label, key, epoch in zip(batch["path"], batch["label"], batch["key"], epochs,
+                                           strict=True):
             try:
                 img = self._load(str(path))
             except (DecodeError, OSError) as exc:
-                stop = ray.get(self.ledger.record.remote(str(key), str(exc)))
+                stop = ray.get(self.ledger.record.remote(str(key), str(exc), training))
                 if stop:
                     raise BadFileError(stop) from None
                 continue
             try:
                 if self.train_tf is not None:
-                    x = self.train_tf(img, value_range(img), str(key), epoch)
+                    x = self.train_tf(img, value_range(img), str(key), int(epoch))
                 else:
                     x = self.pre(img, value_range(img))
             except ValueError as exc:  # an image the kernels cannot take: name it, like a bad file
-                stop = ray.get(self.ledger.record.remote(str(key), f"preprocessing failed: {exc}"))
+                stop = ray.get(self.ledger.record.remote(str(key), f"preprocessing failed: {exc}",
+                                                         training))
                 if stop:
                     raise BadFileError(stop) from None
                 continue
@@ -229,11 +269,11 @@ def _records_dataset(records: list[Record], cfg: Config, pool: ActorPool) -> ray
     return _in_blocks(_records_table(records), cfg, pool)
 
 
-def _slots_dataset(n: int, cfg: Config, pool: ActorPool) -> ray.data.Dataset:
-    """Training rows 0..n-1 (slots); the processors turn slot ``i`` into file
-    ``epoch_order(n, seed, epoch)[i]``. So every epoch reads all files in a new order (a full
+def _slots_dataset(n: int, cfg: Config, pool: ActorPool, epochs: int = 1) -> ray.data.Dataset:
+    """Training rows 0..epochs*n-1 (slots); the processors turn slot ``e * n + i`` into file
+    ``epoch_order(n, seed, e)[i]``. So every epoch reads all files in a new order (a full
     shuffle, not just a new block order) while the small first blocks stay first."""
-    return _in_blocks(pa.table({"slot": np.arange(n, dtype=np.int64)}), cfg, pool)
+    return _in_blocks(pa.table({"slot": np.arange(n * epochs, dtype=np.int64)}), cfg, pool)
 
 
 _PROCESSORS: dict[str, ImageBatchProcessor] = {}
@@ -286,11 +326,14 @@ def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict, inference: bool = 
 
 
 def build_datasets(
-    cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None
+    cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None,
+    whole_run: bool = False,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset, Any, Any]:
     """(train_ds, val_ds, ledger, clock). ``train_records`` overrides the split's training set
     (the overfit check's small subset). ``val_ds`` is already materialized (preprocessed now, in
-    the object store) when it fits ``pipeline.cache_val_mb``."""
+    the object store) when it fits ``pipeline.cache_val_mb``. ``whole_run``: ``train_ds`` holds
+    all ``train.epochs`` epochs, run once (the clock then holds the first epoch to produce);
+    else one epoch, run once per epoch (the clock holds the epoch)."""
     train_records = split.train if train_records is None else train_records
     total = len(train_records) + len(split.val)
     ledger = BadFileLedger.remote(total, cfg.data.max_bad_fraction, cfg.data.on_bad_file)
@@ -300,10 +343,11 @@ def build_datasets(
     # but the model's capacity decides whether the loss gets to zero
     overfit = cfg.train.overfit_subset is not None
     base = {"filesystem": split.filesystem, "cfg": conf, "ledger": ledger}
-    train = _slots_dataset(len(train_records), cfg, cfg.pipeline.train)
+    train = _slots_dataset(len(train_records), cfg, cfg.pipeline.train,
+                           cfg.train.epochs if whole_run else 1)
     train = _map(train, cfg.pipeline.train, {**base, "clock": clock,
                                              "augment": cfg.augment.enabled and not overfit,
-                                             "reshuffle": not overfit,
+                                             "reshuffle": not overfit, "whole_run": whole_run,
                                              "records": ray.put(_records_table(train_records))})
     val = _records_dataset(split.val, cfg, cfg.pipeline.val)
     val = _map(val, cfg.pipeline.val, base)

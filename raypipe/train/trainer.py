@@ -13,7 +13,6 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
-from ray.data.dataset import MaterializedDataset
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -76,6 +75,17 @@ def both_pools_cpus(cfg: Config) -> float:
     """CPUs of the smallest training and validation actor pools alive at the same time."""
     p = cfg.pipeline
     return p.train.min_actors * p.train.cpus_per_actor + p.val.min_actors * p.val.cpus_per_actor
+
+
+def overlaps_validation(cfg: Config, layout: Layout, val_images: int) -> bool:
+    """Whether the training stream may run while the epoch validates: the validation set is
+    preprocessed once and kept (``pipeline.cache_val_mb``; it then needs no CPUs), or the cluster
+    holds the smallest training and validation pools at once. Where it may not, a training
+    stream that runs on would hold the CPUs the validation pool waits for."""
+    from raypipe.data.pipeline import preprocessed_mib
+
+    cached = val_images > 0 and preprocessed_mib(cfg, val_images) <= cfg.pipeline.cache_val_mb
+    return cached or layout.total_cpus + 1e-9 >= layout.train_cpus + both_pools_cpus(cfg)
 
 
 def cluster_capacity() -> dict[str, float]:
@@ -260,7 +270,16 @@ def build_trainer(
     layout = resolve_layout(cfg, cluster_capacity())
     cfg = pipeline.resolve_compute(cfg, layout.use_gpu)
     records = split.train if train_records is None else train_records
-    train_ds, val_ds, ledger, clock = pipeline.build_datasets(cfg, split, records)
+    # one stream for the whole run runs on while each epoch validates: where that would starve
+    # the validation pool, one execution per epoch, started after validation
+    overlap = overlaps_validation(cfg, layout, len(split.val))
+    whole_run = cfg.pipeline.one_execution and overlap
+    if cfg.pipeline.one_execution and not whole_run:
+        log.info("pipeline.one_execution: one execution per epoch instead, since the cluster "
+                 "cannot hold the training stream and the validation pool at once (%g CPUs; "
+                 "raise pipeline.cache_val_mb to keep the validation set preprocessed)",
+                 layout.total_cpus)
+    train_ds, val_ds, ledger, clock = pipeline.build_datasets(cfg, split, records, whole_run)
     counts = [0] * len(split.class_names)
     for r in records:
         counts[r.label] += 1
@@ -272,8 +291,10 @@ def build_trainer(
         "clock": clock,
         "data": split.counts(),
         # a preprocessed (materialized) validation set needs no actors while it is read
-        "overlap_validation": isinstance(val_ds, MaterializedDataset)
-        or layout.total_cpus + 1e-9 >= layout.train_cpus + both_pools_cpus(cfg),
+        "overlap_validation": overlap,
+        "whole_run": whole_run,
+        "train_rows": len(records),
+        "ledger": ledger,
     }
     resources = {"CPU": cfg.train.cpus_per_worker}
     if layout.use_gpu:

@@ -131,6 +131,45 @@ class NextEpochBatches:
             yield from it
 
 
+class EpochStream:
+    """One stream of batches for every epoch of a run (``pipeline.one_execution``), cut into
+    epochs by row count. Each worker's shard holds the same number of rows (an equal split), in
+    batches of the same sizes, so every worker cuts at the same step and DDP stays in step. An
+    epoch ends with the batch that reaches its share of rows, so a batch may hold the last rows
+    of one epoch and the first of the next (each row is augmented and ordered for its own epoch
+    all the same: its slot carries the epoch); the last epoch takes whatever is left.
+
+    ``rows_per_epoch``: a number, or a function asked at the start of each epoch and, within
+    ``slack`` rows of its end, before each batch (rows per worker and epoch, less the training
+    files found unreadable so far, whose rows never come; the count grows while the first epoch
+    streams). Every worker asks at the same batches, so the function may be a collective."""
+
+    def __init__(self, batches: Iterable[dict], rows_per_epoch: int | Callable[[], int],
+                 epochs: int, slack: int = 0):
+        self._it = iter(batches)
+        self._rows = rows_per_epoch if callable(rows_per_epoch) else lambda: rows_per_epoch
+        self.slack = max(0, slack)
+        self.epochs_left = epochs
+        self._seen = self._end = 0
+
+    def epoch(self) -> Iterator[dict]:
+        self.epochs_left -= 1
+        last = self.epochs_left <= 0
+        start, rows = self._end, max(1, self._rows())
+        while True:
+            if not last and self._seen >= start + rows - self.slack:
+                if self.slack:
+                    rows = max(1, self._rows())
+                if self._seen >= start + rows:
+                    break
+            batch = next(self._it, None)
+            if batch is None:
+                break
+            self._seen += len(batch["label"])
+            yield batch
+        self._end = start + rows
+
+
 def _share_rank0_buffers(*modules: torch.nn.Module) -> None:
     """Give every worker rank 0's buffers (BatchNorm running statistics). DDP keeps the weights
     equal, but each worker's statistics follow its own last batch (DDP broadcasts rank 0's at
@@ -189,7 +228,9 @@ def train_func(config: dict) -> None:
     tb = TensorBoardLogger(facts.get("run_dir"), enabled=cfg.run.tensorboard and rank == 0)
 
     def train_batches(epoch: int) -> Iterable[dict]:
-        # the augmentation actors seed their draws with the epoch they read from the clock
+        # per-epoch executions: the augmentation actors seed their draws with the epoch they read
+        # from the clock; one execution for the run: the clock holds its first epoch (the stage
+        # drops the slots of epochs a resumed run has trained)
         if clock is not None:
             ray.get(clock.set.remote(epoch))
         return train_shard.iter_torch_batches(
@@ -197,6 +238,19 @@ def train_func(config: dict) -> None:
             local_shuffle_buffer_size=per_worker_batch * 4 if t.overfit_subset is None else None,
             local_shuffle_seed=t.seed * 1000 + epoch,
         )
+
+    def epoch_rows() -> int:
+        # the same on every worker (rank 0's count of unreadable training files), so that every
+        # worker cuts its stream at the same step
+        bad = ray.get(facts["ledger"].training_count.remote()) if rank == 0 and facts.get("ledger") else 0
+        return (facts["train_rows"] - _from_rank0(bad, device)) // world
+
+    stream = None
+    if facts.get("whole_run") and start_epoch < t.epochs:
+        # an epoch may come out short by the unreadable files data.max_bad_fraction allows
+        slack = 0 if cfg.data.on_bad_file == "fail" else \
+            -(-int(facts["train_rows"] * cfg.data.max_bad_fraction) // world)
+        stream = EpochStream(train_batches(start_epoch), epoch_rows, t.epochs - start_epoch, slack)
 
     def start_next_epoch(epoch: int) -> NextEpochBatches:
         # every worker is done with this epoch's batches before the clock moves on, so no sample
@@ -210,7 +264,10 @@ def train_func(config: dict) -> None:
     upcoming: NextEpochBatches | None = None
     for epoch in range(start_epoch, t.epochs):
         lr = scheduler.lr
-        batches = upcoming.batches() if upcoming is not None else train_batches(epoch)
+        if stream is not None:
+            batches = stream.epoch()
+        else:
+            batches = upcoming.batches() if upcoming is not None else train_batches(epoch)
         upcoming = None
         try:
             stats = loop.train_one_epoch(
@@ -221,7 +278,8 @@ def train_func(config: dict) -> None:
             _check_finite("a model weight or BatchNorm statistic",
                           loop.unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
             _share_rank0_buffers(loop.unwrap(model), *([ema.module] if ema is not None else []))
-            prefetch = cfg.pipeline.prefetch_next_epoch and epoch + 1 < t.epochs
+            prefetch = (stream is None and cfg.pipeline.prefetch_next_epoch
+                        and epoch + 1 < t.epochs)
             if prefetch and overlap_validation:
                 upcoming = start_next_epoch(epoch + 1)
             labels, logits = loop.predict(
@@ -242,7 +300,7 @@ def train_func(config: dict) -> None:
         val, confusion = epoch_metrics(labels, logits, facts["class_names"], eval_loss_fn,
                                        t.threshold)
         metrics = {"epoch": epoch, "lr": lr, **stats, **val}
-        metrics["images_per_s_total"] = _sum_over_workers(stats["images_per_s"])
+        metrics["images_per_s_total"] = _sum_over_workers(stats["images_per_s"], device)
         scheduler.step(metrics)
         history.append({**metrics, "val_confusion": confusion})
         tb.log_epoch(epoch, metrics)
@@ -283,12 +341,20 @@ def report_divergence(message: str, epoch: int, cfg: Config, run_dir: str | None
     ray.train.report(metrics, checkpoint=None)
 
 
-def _sum_over_workers(value: float) -> float:
+def _sum_over_workers(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL takes CUDA tensors only
     dist.all_reduce(t)
     return float(t.item())
+
+
+def _from_rank0(value: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts,
