@@ -141,6 +141,11 @@ class PipelineConfig(_Section):
         "drain are paid once per run, not once per epoch; each worker cuts its stream into "
         "epochs by row count. Falls back to one execution per epoch where the cluster cannot "
         "hold the training and validation pools at once (README, Performance)")
+    one_execution_max_rows: int = Field(
+        4_000_000, ge=1, description="with one_execution, at most this many rows (epochs x "
+        "training files) per execution: a longer run streams through one execution per "
+        "max_rows // files epochs, so that the driver never holds a row table of every epoch of "
+        "a big dataset")
 
 
 class ModelConfig(_Section):

@@ -210,7 +210,9 @@ def test_job_skips_bad_files_and_the_counts_add_up(ray_cluster, tmp_path: Path) 
     exp = _hostile_folder(tmp_path / "data")
     proc = run_job("train.py", *_job_args(exp["train"], tmp_path / "runs", "hostile",
                                           f"data.val_root={exp['val']}", "data.max_bad_fraction=0.3",
-                                          "train.epochs=3"),
+                                          "train.epochs=3",
+                                          # 2 epochs of 31 files per execution: two executions
+                                          "pipeline.one_execution_max_rows=62"),
                    env={"RAY_ADDRESS": ray_cluster})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "hostile"

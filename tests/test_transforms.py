@@ -280,11 +280,10 @@ def test_a_task_reads_the_epoch_clock_once_for_all_its_batches(ray_cluster, tmp_
 
 
 @pytest.mark.ray
-def test_one_execution_streams_every_epoch_as_per_epoch_runs_do_and_a_resume_skips(ray_cluster,
-                                                                                   tmp_path):
-    """``pipeline.one_execution``: slots ``e * n + i`` in one execution give each epoch the same
-    files, order and augmentation as that epoch's own execution; with the clock at 1 (a run
-    resumed after epoch 0) epoch 0's slots give nothing."""
+def test_one_execution_streams_every_epoch_as_per_epoch_runs_do(ray_cluster, tmp_path):
+    """``pipeline.one_execution``: slots ``e * n + i`` in one execution give epoch ``first + e``
+    (the clock holds ``first``) the same files, order and augmentation as that epoch's own
+    execution; slots past the run's last epoch give nothing."""
     import ray
 
     from raypipe.config import ActorPool
@@ -300,7 +299,7 @@ def test_one_execution_streams_every_epoch_as_per_epoch_runs_do_and_a_resume_ski
 
     folder = make_image_folder(tmp_path / "imgs", {"a": 3, "b": 2}, size=(20, 16))
     cfg = Config.model_validate({"data": {"root": str(folder)}, "preprocess": {"image_size": 8},
-                                 "augment": ALL_ON.model_dump(), "train": {"seed": 3}})
+                                 "augment": ALL_ON.model_dump(), "train": {"seed": 3, "epochs": 3}})
     split = discover(cfg.data)
     records = [Record(r.path, i, r.key) for i, r in enumerate(split.train + split.val)]
     n = len(records)
@@ -318,8 +317,8 @@ def test_one_execution_streams_every_epoch_as_per_epoch_runs_do_and_a_resume_ski
     ctx.execution_options.preserve_order = True
     try:
         clock = EpochClock.remote()
-        ray.get(clock.set.remote(1))  # resumed after epoch 0
-        whole = stage(3, clock, True).take_all()
+        ray.get(clock.set.remote(1))  # an execution from epoch 1 (a resumed run, or the second)
+        whole = stage(3, clock, True).take_all()  # epochs 1, 2 and (past train.epochs=3) none
         per_epoch = []
         for epoch in (1, 2):
             ray.get(clock.set.remote(epoch))
@@ -327,7 +326,7 @@ def test_one_execution_streams_every_epoch_as_per_epoch_runs_do_and_a_resume_ski
     finally:
         ctx.execution_options.preserve_order = keep
     labels = [int(r["label"]) for r in whole]
-    assert labels == list(epoch_order(n, 3, 1)) + list(epoch_order(n, 3, 2))  # no epoch 0 rows
+    assert labels == list(epoch_order(n, 3, 1)) + list(epoch_order(n, 3, 2))  # and no epoch 3
     assert labels == [int(r["label"]) for r in per_epoch]
     for a, b in zip(whole, per_epoch, strict=True):  # the same augmentation draw, epoch by epoch
         np.testing.assert_array_equal(a["image"], b["image"])

@@ -114,11 +114,13 @@ class ImageBatchProcessor:
         # training rows are slots; ``records`` (a path/label/key table, or its ObjectRef) and the
         # epoch's permutation say which file each slot is (see :func:`epoch_order`); without
         # ``reshuffle`` every epoch keeps epoch 0's order (the overfit check). ``whole_run``: the
-        # slots cover every epoch of the run (slot ``e * n + i`` is position ``i`` of epoch
-        # ``e``), and the clock holds the first epoch to produce (a resumed run skips the rest)
+        # slots cover several epochs (slot ``e * n + i`` is position ``i`` of epoch ``first + e``,
+        # where the clock holds ``first``, the execution's first epoch); rows past the run's last
+        # epoch (``train.epochs``) are dropped
         self.records = ray.get(records) if isinstance(records, ray.ObjectRef) else records
         self.reshuffle = reshuffle
         self.whole_run = whole_run
+        self.epochs = conf.train.epochs
         self.seed = conf.train.seed
         self._orders: dict[int, np.ndarray] = {}
         self.fs = filesystem
@@ -157,15 +159,15 @@ class ImageBatchProcessor:
         return decode_image(data, max_pixels=self.max_pixels, gray=self.gray, draft_size=self.draft)
 
     def _row_epochs(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """(batch, each row's epoch). Whole-run slots carry their epoch (rows of epochs before the
-        clock's, already trained by a resumed run, are dropped); otherwise every row is in the
-        clock's epoch."""
+        """(batch, each row's epoch). Whole-run slots carry their epoch, counted from the clock's
+        (rows past the run's last epoch are dropped); otherwise every row is in the clock's
+        epoch."""
         rows = len(next(iter(batch.values()))) if batch else 0
         if self.whole_run and "slot" in batch:
-            epochs = batch["slot"] // max(1, self.records.num_rows)
             first = self._epoch() if self.clock is not None else 0
-            if first and (epochs < first).any():
-                keep = epochs >= first
+            epochs = first + batch["slot"] // max(1, self.records.num_rows)
+            if (epochs >= self.epochs).any():  # the last execution of a run may have spare slots
+                keep = epochs < self.epochs
                 batch, epochs = {k: v[keep] for k, v in batch.items()}, epochs[keep]
             return batch, epochs
         needs_epoch = self.aug is not None or ("slot" in batch and self.reshuffle)
@@ -332,8 +334,8 @@ def build_datasets(
     """(train_ds, val_ds, ledger, clock). ``train_records`` overrides the split's training set
     (the overfit check's small subset). ``val_ds`` is already materialized (preprocessed now, in
     the object store) when it fits ``pipeline.cache_val_mb``. ``whole_run``: ``train_ds`` holds
-    all ``train.epochs`` epochs, run once (the clock then holds the first epoch to produce);
-    else one epoch, run once per epoch (the clock holds the epoch)."""
+    :func:`epochs_per_execution` epochs, run once per that many epochs (the clock holds the
+    execution's first epoch); else one epoch, run once per epoch (the clock holds the epoch)."""
     train_records = split.train if train_records is None else train_records
     total = len(train_records) + len(split.val)
     ledger = BadFileLedger.remote(total, cfg.data.max_bad_fraction, cfg.data.on_bad_file)
@@ -344,7 +346,7 @@ def build_datasets(
     overfit = cfg.train.overfit_subset is not None
     base = {"filesystem": split.filesystem, "cfg": conf, "ledger": ledger}
     train = _slots_dataset(len(train_records), cfg, cfg.pipeline.train,
-                           cfg.train.epochs if whole_run else 1)
+                           epochs_per_execution(cfg, len(train_records)) if whole_run else 1)
     train = _map(train, cfg.pipeline.train, {**base, "clock": clock,
                                              "augment": cfg.augment.enabled and not overfit,
                                              "reshuffle": not overfit, "whole_run": whole_run,
@@ -360,6 +362,12 @@ def build_datasets(
         log.info("validation set preprocessed once and kept in the object store (%.1f MiB of "
                  "pipeline.cache_val_mb=%g)", mib, cfg.pipeline.cache_val_mb)
     return train, val, ledger, clock
+
+
+def epochs_per_execution(cfg: Config, n: int) -> int:
+    """Epochs of ``n`` training files that one execution streams with ``pipeline.one_execution``:
+    the whole run, up to ``pipeline.one_execution_max_rows`` rows."""
+    return max(1, min(cfg.train.epochs, cfg.pipeline.one_execution_max_rows // max(1, n)))
 
 
 def preprocessed_mib(cfg: Config, n: int) -> float:

@@ -294,6 +294,7 @@ def build_trainer(
         "overlap_validation": overlap,
         "whole_run": whole_run,
         "train_rows": len(records),
+        "epochs_per_execution": pipeline.epochs_per_execution(cfg, len(records)),
         "ledger": ledger,
     }
     resources = {"CPU": cfg.train.cpus_per_worker}

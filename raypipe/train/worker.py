@@ -155,19 +155,19 @@ class EpochStream:
     def epoch(self) -> Iterator[dict]:
         self.epochs_left -= 1
         last = self.epochs_left <= 0
-        start, rows = self._end, max(1, self._rows())
+        start = self._end
+        self._end = start + max(1, self._rows())  # kept current, should the epoch stop early
         while True:
-            if not last and self._seen >= start + rows - self.slack:
+            if not last and self._seen >= self._end - self.slack:
                 if self.slack:
-                    rows = max(1, self._rows())
-                if self._seen >= start + rows:
+                    self._end = start + max(1, self._rows())
+                if self._seen >= self._end:
                     break
             batch = next(self._it, None)
             if batch is None:
                 break
             self._seen += len(batch["label"])
             yield batch
-        self._end = start + rows
 
 
 def _share_rank0_buffers(*modules: torch.nn.Module) -> None:
@@ -228,9 +228,8 @@ def train_func(config: dict) -> None:
     tb = TensorBoardLogger(facts.get("run_dir"), enabled=cfg.run.tensorboard and rank == 0)
 
     def train_batches(epoch: int) -> Iterable[dict]:
-        # per-epoch executions: the augmentation actors seed their draws with the epoch they read
-        # from the clock; one execution for the run: the clock holds its first epoch (the stage
-        # drops the slots of epochs a resumed run has trained)
+        # the augmentation actors seed their draws with the epoch they read from the clock (with
+        # one execution for several epochs: the execution's first, to which each slot adds its own)
         if clock is not None:
             ray.get(clock.set.remote(epoch))
         return train_shard.iter_torch_batches(
@@ -245,12 +244,15 @@ def train_func(config: dict) -> None:
         bad = ray.get(facts["ledger"].training_count.remote()) if rank == 0 and facts.get("ledger") else 0
         return (facts["train_rows"] - _from_rank0(bad, device)) // world
 
-    stream = None
-    if facts.get("whole_run") and start_epoch < t.epochs:
-        # an epoch may come out short by the unreadable files data.max_bad_fraction allows
-        slack = 0 if cfg.data.on_bad_file == "fail" else \
-            -(-int(facts["train_rows"] * cfg.data.max_bad_fraction) // world)
-        stream = EpochStream(train_batches(start_epoch), epoch_rows, t.epochs - start_epoch, slack)
+    # an epoch may come out short by the unreadable files data.max_bad_fraction allows
+    slack = 0 if cfg.data.on_bad_file == "fail" else \
+        -(-int(facts["train_rows"] * cfg.data.max_bad_fraction) // world)
+
+    def stream_from(epoch: int) -> EpochStream:
+        # one execution for the next epochs_per_execution epochs (all the rest, unless the run
+        # is longer than pipeline.one_execution_max_rows rows); a resumed run starts at its epoch
+        epochs = min(facts["epochs_per_execution"], t.epochs - epoch)
+        return EpochStream(train_batches(epoch), epoch_rows, epochs, slack)
 
     def start_next_epoch(epoch: int) -> NextEpochBatches:
         # every worker is done with this epoch's batches before the clock moves on, so no sample
@@ -262,9 +264,12 @@ def train_func(config: dict) -> None:
     # actor pools at once (else they would take the CPUs the validation actors wait for)
     overlap_validation = bool(facts.get("overlap_validation"))
     upcoming: NextEpochBatches | None = None
+    stream: EpochStream | None = None
     for epoch in range(start_epoch, t.epochs):
         lr = scheduler.lr
-        if stream is not None:
+        if facts.get("whole_run"):
+            if stream is None or stream.epochs_left <= 0:  # the execution's epochs are done
+                stream = stream_from(epoch)
             batches = stream.epoch()
         else:
             batches = upcoming.batches() if upcoming is not None else train_batches(epoch)
@@ -278,7 +283,7 @@ def train_func(config: dict) -> None:
             _check_finite("a model weight or BatchNorm statistic",
                           loop.unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
             _share_rank0_buffers(loop.unwrap(model), *([ema.module] if ema is not None else []))
-            prefetch = (stream is None and cfg.pipeline.prefetch_next_epoch
+            prefetch = (not facts.get("whole_run") and cfg.pipeline.prefetch_next_epoch
                         and epoch + 1 < t.epochs)
             if prefetch and overlap_validation:
                 upcoming = start_next_epoch(epoch + 1)
