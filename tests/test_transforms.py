@@ -187,47 +187,60 @@ def test_augmented_samples_do_not_depend_on_actor_count_batch_size_or_compute(ra
     assert all(not np.allclose(one[k], later[k]) for k in one)
 
 
+class SlotStage:
+    """A training stage over a folder whose labels are the file indexes, so that the rows it
+    gives say which file came in which order."""
+
+    def __init__(self, tmp_path, classes: dict[str, int], cfg: dict, pool):
+        import ray
+
+        from raypipe.data.pipeline import _records_table
+        from raypipe.data.sources import Record, discover
+
+        folder = make_image_folder(tmp_path / "imgs", classes, size=(20, 16))
+        self.cfg = Config.model_validate({"data": {"root": str(folder)},
+                                          "preprocess": {"image_size": 8}, **cfg})
+        self.split = discover(self.cfg.data)
+        records = [Record(r.path, i, r.key) for i, r in enumerate(self.split.train + self.split.val)]
+        self.n, self.pool, self.table = len(records), pool, ray.put(_records_table(records))
+
+    def dataset(self, clock, epochs: int = 1, **kwargs):
+        from raypipe.data.pipeline import BadFileLedger, _map, _slots_dataset
+
+        return _map(_slots_dataset(self.n, self.cfg, self.pool, epochs), self.pool,
+                    {"filesystem": self.split.filesystem, "cfg": self.cfg.to_dict(),
+                     "ledger": BadFileLedger.remote(self.n, 0.0, "fail"), "clock": clock,
+                     "augment": True, "records": self.table, **kwargs})
+
+    @staticmethod
+    def rows(ds, clock, epoch: int) -> list[dict]:
+        """``ds``'s rows in order (compare the sequence, not just the set), the clock at ``epoch``."""
+        import ray
+
+        ray.get(clock.set.remote(epoch))
+        ctx = ray.data.DataContext.get_current()
+        keep = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True
+        try:
+            return ds.take_all()
+        finally:
+            ctx.execution_options.preserve_order = keep
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("compute, reshuffle", [("actors", True), ("tasks", True), ("tasks", False)])
 def test_training_slots_read_every_file_once_per_epoch_in_that_epochs_order(ray_cluster, tmp_path,
                                                                             compute, reshuffle):
-    import ray
-
     from raypipe.config import ActorPool
-    from raypipe.data.pipeline import (
-        BadFileLedger,
-        EpochClock,
-        _map,
-        _records_table,
-        _slots_dataset,
-        epoch_order,
-    )
-    from raypipe.data.sources import Record, discover
+    from raypipe.data.pipeline import EpochClock, epoch_order
 
-    folder = make_image_folder(tmp_path / "imgs", {"a": 4, "b": 3}, size=(20, 16))
-    cfg = Config.model_validate({"data": {"root": str(folder)}, "preprocess": {"image_size": 8},
-                                 "train": {"seed": 5}})
-    split = discover(cfg.data)
-    records = [Record(r.path, i, r.key) for i, r in enumerate(split.train + split.val)]  # label: index
-    clock = EpochClock.remote()
     pool = ActorPool(min_actors=1, max_actors=2, cpus_per_actor=0.5, batch_size=2, compute=compute)
-    ds = _map(_slots_dataset(len(records), cfg, pool), pool,
-              {"filesystem": split.filesystem, "cfg": cfg.to_dict(),
-               "ledger": BadFileLedger.remote(len(records), 0.0, "fail"), "clock": clock,
-               "augment": True, "records": ray.put(_records_table(records)),
-               "reshuffle": reshuffle})
-    ctx = ray.data.DataContext.get_current()
-    keep = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # compare the sequence, not just the set
-    try:
-        seen = []
-        for epoch in (0, 1):
-            ray.get(clock.set.remote(epoch))
-            seen.append([int(r["label"]) for r in ds.take_all()])
-    finally:
-        ctx.execution_options.preserve_order = keep
+    stage = SlotStage(tmp_path, {"a": 4, "b": 3}, {"train": {"seed": 5}}, pool)
+    clock = EpochClock.remote()
+    ds = stage.dataset(clock, reshuffle=reshuffle)
+    seen = [[int(r["label"]) for r in stage.rows(ds, clock, epoch)] for epoch in (0, 1)]
     for epoch, labels in enumerate(seen):  # without reshuffling (the overfit check): epoch 0's
-        assert labels == list(epoch_order(len(records), 5, epoch if reshuffle else 0))
+        assert labels == list(epoch_order(stage.n, 5, epoch if reshuffle else 0))
     assert (seen[0] != seen[1]) == reshuffle
 
 
@@ -284,47 +297,17 @@ def test_one_execution_streams_every_epoch_as_per_epoch_runs_do(ray_cluster, tmp
     """``pipeline.one_execution``: slots ``e * n + i`` in one execution give epoch ``first + e``
     (the clock holds ``first``) the same files, order and augmentation as that epoch's own
     execution; slots past the run's last epoch give nothing."""
-    import ray
-
     from raypipe.config import ActorPool
-    from raypipe.data.pipeline import (
-        BadFileLedger,
-        EpochClock,
-        _map,
-        _records_table,
-        _slots_dataset,
-        epoch_order,
-    )
-    from raypipe.data.sources import Record, discover
+    from raypipe.data.pipeline import EpochClock, epoch_order
 
-    folder = make_image_folder(tmp_path / "imgs", {"a": 3, "b": 2}, size=(20, 16))
-    cfg = Config.model_validate({"data": {"root": str(folder)}, "preprocess": {"image_size": 8},
-                                 "augment": ALL_ON.model_dump(), "train": {"seed": 3, "epochs": 3}})
-    split = discover(cfg.data)
-    records = [Record(r.path, i, r.key) for i, r in enumerate(split.train + split.val)]
-    n = len(records)
     pool = ActorPool(min_actors=1, max_actors=2, cpus_per_actor=0.5, batch_size=3, compute="tasks")
-    table = ray.put(_records_table(records))
-
-    def stage(epochs: int, clock, whole_run: bool):
-        return _map(_slots_dataset(n, cfg, pool, epochs), pool,
-                    {"filesystem": split.filesystem, "cfg": cfg.to_dict(),
-                     "ledger": BadFileLedger.remote(n, 0.0, "fail"), "clock": clock,
-                     "augment": True, "records": table, "whole_run": whole_run})
-
-    ctx = ray.data.DataContext.get_current()
-    keep = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        clock = EpochClock.remote()
-        ray.get(clock.set.remote(1))  # an execution from epoch 1 (a resumed run, or the second)
-        whole = stage(3, clock, True).take_all()  # epochs 1, 2 and (past train.epochs=3) none
-        per_epoch = []
-        for epoch in (1, 2):
-            ray.get(clock.set.remote(epoch))
-            per_epoch += stage(1, clock, False).take_all()
-    finally:
-        ctx.execution_options.preserve_order = keep
+    stage = SlotStage(tmp_path, {"a": 3, "b": 2},
+                      {"augment": ALL_ON.model_dump(), "train": {"seed": 3, "epochs": 3}}, pool)
+    n, clock = stage.n, EpochClock.remote()
+    # an execution from epoch 1 (a resumed run, or the second): epochs 1, 2 and (past
+    # train.epochs=3) none
+    whole = stage.rows(stage.dataset(clock, 3, whole_run=True), clock, 1)
+    per_epoch = sum((stage.rows(stage.dataset(clock), clock, e) for e in (1, 2)), [])
     labels = [int(r["label"]) for r in whole]
     assert labels == list(epoch_order(n, 3, 1)) + list(epoch_order(n, 3, 2))  # and no epoch 3
     assert labels == [int(r["label"]) for r in per_epoch]
