@@ -207,6 +207,15 @@ def test_one_execution_only_where_validation_can_run_beside_the_training_stream(
         update={"cache_val_mb": 0.1})}), squeezed, 40)  # 1.9 MiB over 0.1 MiB: streamed
 
 
+def test_one_execution_auto_follows_the_training_stage() -> None:
+    from raypipe.data.pipeline import resolve_compute, uses_one_execution
+
+    assert not uses_one_execution(resolve_compute(_cfg(), use_gpu=False))  # tasks on CPUs
+    assert uses_one_execution(resolve_compute(_cfg(), use_gpu=True))  # actors on GPUs
+    assert uses_one_execution(_cfg("pipeline.one_execution=true"))
+    assert not uses_one_execution(_cfg("pipeline.one_execution=false", "pipeline.train.compute=actors"))
+
+
 # ---------------------------------------------------------------- through the job
 
 

@@ -212,6 +212,7 @@ def test_job_skips_bad_files_and_the_counts_add_up(ray_cluster, tmp_path: Path) 
                                           f"data.val_root={exp['val']}", "data.max_bad_fraction=0.3",
                                           "train.epochs=3",
                                           # 2 epochs of 31 files per execution: two executions
+                                          "pipeline.one_execution=true",
                                           "pipeline.one_execution_max_rows=62"),
                    env={"RAY_ADDRESS": ray_cluster})
     assert proc.returncode == 0, proc.stderr[-3000:]

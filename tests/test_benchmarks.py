@@ -47,7 +47,7 @@ def test_linear_fit_recovers_a_line():
 @pytest.mark.slow
 def test_ingest(ray_cluster, tmp_path):
     r = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "3")  # compute: auto
-    assert r["one_execution"]  # every epoch through one execution, as training runs it
+    assert not r["one_execution"]  # one execution per epoch, as training runs tasks
     assert r["ray_images"] == r["dataloader_images"] == 24  # every image of every epoch
     assert len(r["ray_epoch_s"]) == len(r["dataloader_epoch_s"]) == 3
     _positive(r, "ray_images_per_s", "dataloader_images_per_s", "ratio", "cold_ratio", "steady_ratio")
@@ -55,10 +55,10 @@ def test_ingest(ray_cluster, tmp_path):
     assert r["ray_images_per_s"] == pytest.approx(24 / sum(r["ray_epoch_s"]))
     assert r["compute"] == "tasks"  # auto, as training resolves it on a cluster without GPUs
     assert (r["ray_lanes"], r["dataloader_workers"]) == (r["cpus"], r["cpus"])
-    two = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "1", "--lanes-per-cpu", "2",
-               "--execution-per-epoch")
-    assert (two["ray_lanes"], two["ray_images"]) == (2 * two["cpus"], 8)  # 0.5 CPU a lane
-    assert not two["one_execution"]
+    two = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "2", "--lanes-per-cpu", "2",
+               "--one-execution", "true")
+    assert (two["ray_lanes"], two["ray_images"]) == (2 * two["cpus"], 16)  # 0.5 CPU a lane
+    assert two["one_execution"] and len(two["ray_epoch_s"]) == 2  # one stream, cut in two
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ def test_train_job_builtin_two_workers(ray_cluster, cache_dir, tmp_path):
     out = tmp_path / "results"
     proc = run_job(
         "train.py", "train.epochs=2", "train.num_workers=2", "preprocess.image_size=32",
-        # validation streams through its actors every epoch here (other runs preprocess it once)
-        "pipeline.cache_val_mb=0",
+        # validation streams through its actors every epoch here (other runs preprocess it once),
+        # beside one training stream for the run (the cluster just holds both pools)
+        "pipeline.cache_val_mb=0", "pipeline.one_execution=true",
         f"run.storage_path={out}", "run.name=e2e",
         env={"RAY_ADDRESS": ray_cluster},
     )

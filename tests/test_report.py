@@ -28,8 +28,6 @@ def trained_run(tmp_path_factory, cache_dir) -> tuple:
             # two workers, weight averaging and mirror-image TTA, so that the evaluation tests
             # check that the job scores exactly the model training validated
             "train.ema_decay=0.9", "augment.tta=hflip",
-            # one execution per epoch: the training path of pipeline.one_execution=false
-            "pipeline.one_execution=false",
             f"run.storage_path={storage}", "run.name=tiny", "data.cache_dir=" + str(cache_dir),
         ])
         _RUN["run"] = (cfg, run_training(cfg))

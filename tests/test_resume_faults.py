@@ -54,6 +54,7 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint(ray_cluster, cache_dir
     run_dir = out / "fault"
     log_path = tmp_path / "job.log"
     args = [*SMALL, "train.epochs=3", "train.max_failures=1", "checkpoint.num_to_keep=3",
+            "pipeline.one_execution=true",  # the restart starts a new execution at its epoch
             f"run.storage_path={out}", "run.name=fault"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_cluster}
     with open(log_path, "w") as log:

@@ -282,10 +282,10 @@ def test_storage_gone_mid_run_is_a_clear_error_and_no_bad_files(ray_cluster, tmp
             [sys.executable, str(ROOT / "jobs" / "train.py"), f"data.root=s3://{BUCKET}/imgs",
              f"run.storage_path={tmp_path / 'runs'}", "run.name=gone", "train.epochs=4",
              "preprocess.image_size=32", "train.batch_size=8", "train.num_workers=1",
-             # one execution per epoch (19 training files), so that each epoch reads the store
-             # again: one execution for the run reads all 4 epochs' files ahead of training, here
-             # within the first epoch, and the store would go too late to matter
-             "pipeline.one_execution_max_rows=24", *TAME],
+             # one execution per epoch, so that each epoch reads the store again: one execution
+             # for the run reads all 4 epochs' files ahead of training, here within the first
+             # epoch, and the store would go too late to matter
+             "pipeline.one_execution=false", *TAME],
             cwd=ROOT, env={**os.environ, **env, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300

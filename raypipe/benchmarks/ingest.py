@@ -3,8 +3,8 @@
 Both read the same files and apply the identical per-image work (read -> decode -> preprocess ->
 augment) into batches of the same size, drained by a no-op consumer; the DataLoader gets as many
 worker processes as the Ray pipeline gets CPUs. The Ray pipeline runs as a training run runs it:
-every epoch through one execution (``pipeline.one_execution``), or with
-``--execution-per-epoch`` built once and run once per epoch. ``ratio`` compares all epochs, every
+every epoch through one execution (``pipeline.one_execution``), or built once and run once per
+epoch. ``ratio`` compares all epochs, every
 start-up included, ``cold_ratio`` the first (where Ray starts its worker processes or actors),
 ``steady_ratio`` everything after the first batch. This module
 also holds the helpers the other benchmarks share (image folders, configs, record lists, draining).
@@ -246,9 +246,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "scheduling gaps on epochs of thousands of images and cost on small ones "
                         "(README, Performance). The DataLoader keeps one worker per CPU, its "
                         "fastest setting here")
-    p.add_argument("--execution-per-epoch", action="store_true",
-                   help="run the Ray pipeline once per epoch (pipeline.one_execution=false) "
-                        "instead of every epoch through one execution")
+    p.add_argument("--one-execution", choices=["auto", "true", "false"], default="auto",
+                   help="pipeline.one_execution: every epoch through one Ray Data execution, or "
+                        "one execution per epoch; auto: as training decides (one execution with "
+                        "actors, one per epoch with tasks)")
 
 
 def rate(times: list[tuple[int, float, float]]) -> float:
@@ -265,18 +266,19 @@ def steady_rate(times: list[tuple[int, float, float]], batch_size: int) -> float
 def run(args) -> dict:
     import ray
 
-    from raypipe.data.pipeline import resolve_compute
+    from raypipe.data.pipeline import resolve_compute, uses_one_execution
 
     ensure_ray(args)
     root = data_root(args)
     # --compute auto becomes what a training run on this cluster resolves it to
-    extra = ["pipeline.one_execution=false"] if getattr(args, "execution_per_epoch", False) else []
+    extra = [f"pipeline.one_execution={getattr(args, 'one_execution', 'auto')}"]
     cfg = resolve_compute(bench_config(args, root, extra),
                           use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    one_execution = uses_one_execution(cfg)
     pool = cfg.pipeline.train
     split = split_of(cfg, args.images)
     ray_times, dl_times = [], []
-    if cfg.pipeline.one_execution:  # every epoch in one execution, then as many DataLoader epochs
+    if one_execution:  # every epoch in one execution, then as many DataLoader epochs
         ray_times = ray_run(cfg, split, args.batch_size, args.epochs)
         dl_times = [dataloader_epoch(cfg, split, args.batch_size, args.actors)
                     for _ in range(args.epochs)]
@@ -300,7 +302,7 @@ def run(args) -> dict:
         "ray_images": sum(t[0] for t in ray_times), "dataloader_images": sum(t[0] for t in dl_times),
         "ray_images_per_s": ray_ips, "dataloader_images_per_s": dl_ips, "ratio": ray_ips / dl_ips,
         "cold_ratio": cold_ratio, "compute": pool.compute,
-        "one_execution": cfg.pipeline.one_execution,
+        "one_execution": one_execution,
         "ray_startup_s": ray_times[0][2], "dataloader_startup_s": dl_times[0][2],
         "ray_steady_images_per_s": ray_steady, "dataloader_steady_images_per_s": dl_steady,
         "steady_ratio": ray_steady / dl_steady,

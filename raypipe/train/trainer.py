@@ -273,8 +273,9 @@ def build_trainer(
     # one stream for the whole run runs on while each epoch validates: where that would starve
     # the validation pool, one execution per epoch, started after validation
     overlap = overlaps_validation(cfg, layout, len(split.val))
-    whole_run = cfg.pipeline.one_execution and overlap
-    if cfg.pipeline.one_execution and not whole_run:
+    wanted = pipeline.uses_one_execution(cfg)
+    whole_run = wanted and overlap
+    if wanted and not whole_run:
         log.info("pipeline.one_execution: one execution per epoch instead, since the cluster "
                  "cannot hold the training stream and the validation pool at once (%g CPUs; "
                  "raise pipeline.cache_val_mb to keep the validation set preprocessed)",
