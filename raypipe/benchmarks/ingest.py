@@ -271,7 +271,7 @@ def run(args) -> dict:
     ensure_ray(args)
     root = data_root(args)
     # --compute auto becomes what a training run on this cluster resolves it to
-    extra = [f"pipeline.one_execution={getattr(args, 'one_execution', 'auto')}"]
+    extra = [f"pipeline.one_execution={args.one_execution}"]
     cfg = resolve_compute(bench_config(args, root, extra),
                           use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
     one_execution = uses_one_execution(cfg)

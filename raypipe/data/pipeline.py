@@ -353,14 +353,14 @@ def build_datasets(
                                              "records": ray.put(_records_table(train_records))})
     val = _records_dataset(split.val, cfg, cfg.pipeline.val)
     val = _map(val, cfg.pipeline.val, base)
-    mib = preprocessed_mib(cfg, len(split.val))
-    if split.val and mib <= cfg.pipeline.cache_val_mb:
+    if caches_val(cfg, len(split.val)):
         # validation is deterministic: preprocess it once rather than restart its actors and
         # decode every file again each epoch (for a few hundred images that start-up is most of
         # the validation time)
         val = val.materialize()
         log.info("validation set preprocessed once and kept in the object store (%.1f MiB of "
-                 "pipeline.cache_val_mb=%g)", mib, cfg.pipeline.cache_val_mb)
+                 "pipeline.cache_val_mb=%g)", preprocessed_mib(cfg, len(split.val)),
+                 cfg.pipeline.cache_val_mb)
     return train, val, ledger, clock
 
 
@@ -378,6 +378,12 @@ def epochs_per_execution(cfg: Config, n: int) -> int:
     """Epochs of ``n`` training files that one execution streams with ``pipeline.one_execution``:
     the whole run, up to ``pipeline.one_execution_max_rows`` rows."""
     return max(1, min(cfg.train.epochs, cfg.pipeline.one_execution_max_rows // max(1, n)))
+
+
+def caches_val(cfg: Config, n: int) -> bool:
+    """Whether a validation set of ``n`` images is preprocessed once and kept in the object store
+    (it fits ``pipeline.cache_val_mb``) rather than streamed through its pool every epoch."""
+    return n > 0 and preprocessed_mib(cfg, n) <= cfg.pipeline.cache_val_mb
 
 
 def preprocessed_mib(cfg: Config, n: int) -> float:

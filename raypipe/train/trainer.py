@@ -82,10 +82,8 @@ def overlaps_validation(cfg: Config, layout: Layout, val_images: int) -> bool:
     preprocessed once and kept (``pipeline.cache_val_mb``; it then needs no CPUs), or the cluster
     holds the smallest training and validation pools at once. Where it may not, a training
     stream that runs on would hold the CPUs the validation pool waits for."""
-    from raypipe.data.pipeline import preprocessed_mib
-
-    cached = val_images > 0 and preprocessed_mib(cfg, val_images) <= cfg.pipeline.cache_val_mb
-    return cached or layout.total_cpus + 1e-9 >= layout.train_cpus + both_pools_cpus(cfg)
+    return (pipeline.caches_val(cfg, val_images)
+            or layout.total_cpus + 1e-9 >= layout.train_cpus + both_pools_cpus(cfg))
 
 
 def cluster_capacity() -> dict[str, float]:
