@@ -231,10 +231,11 @@ def test_job_skips_bad_files_and_the_counts_add_up(ray_cluster, tmp_path: Path) 
         rows = list(csv.DictReader(f))
     assert {r["file"]: r["reason"] for r in rows} == skipped
     assert summary["status"] == "finished"
-    # one stream for all epochs, cut by row count at batch ends: the skipped files are taken
-    # off every epoch's share, so each epoch is within one batch (4 per worker) of its share of
-    # the readable training files (else each epoch would also take the rows its skipped files
-    # left out from the next, and the last epoch would come out short by all of them)
+    # one stream for all epochs, cut by row count (a batch across a cut is split): the skipped
+    # files are taken off every epoch's share as they are found, so each epoch is within a few
+    # rows of its share of the readable training files (else each epoch would also take the
+    # rows its skipped files left out from the next, and the last epoch would come out short by
+    # all of them)
     share = (data["files_used"] - data["val_total"]) // 2
     samples = [h["train_samples"] for h in summary["history"]]
     assert len(samples) == 3 and all(abs(n - share) < 4 for n in samples), (samples, share)

@@ -67,6 +67,11 @@ def test_memory(ray_cluster, tmp_path):
     assert (r["images_small"], r["images_large"]) == (4, 8)
     _positive(r, "peak_small_mib", "peak_large_mib", "peak_ratio")
     assert r["peak_ratio"] == pytest.approx(r["peak_large_mib"] / r["peak_small_mib"])
+    many = _run(tmp_path, "memory", *TINY, "--images", "4", "--factor", "3", "--interval", "0.1",
+                "--many-epochs")  # three epochs of the same 4 images through one execution
+    assert (many["images_small"], many["images_large"]) == (4, 12)
+    assert many["large_run"] == "3 epochs of 4 images, one execution"
+    _positive(many, "peak_small_mib", "peak_large_mib", "peak_ratio")
 
 
 @pytest.mark.slow

@@ -140,6 +140,50 @@ def test_file_list_is_cut_into_small_first_blocks_then_blocks_of_at_most_block_r
     assert (spans[0][0], spans[-1][1]) == (0, n) if spans else n == 0
 
 
+@pytest.mark.parametrize("n, world, lanes", [(100, 1, 2), (100, 2, 1), (101, 2, 3), (7, 3, 2),
+                                             (1, 2, 1)])
+def test_blocks_come_in_rounds_that_give_every_training_worker_the_same_rows(n, world, lanes):
+    from raypipe.config import ActorPool
+    from raypipe.data.pipeline import block_spans
+
+    cfg = load_config(None, ["pipeline.blocks=4", "pipeline.block_rows=16"])
+    spans = block_spans(n, cfg, ActorPool(min_actors=1, max_actors=lanes, batch_size=4), world)
+    assert (spans[0][0], spans[-1][1]) == (0, n)
+    assert all(a == b for (_, a), (b, _) in zip(spans, spans[1:], strict=False))  # contiguous
+    rows = [0] * world  # an equal streaming split: each block to the worker with the fewest rows
+    for a, b in spans:
+        rows[rows.index(min(rows))] += b - a
+    assert max(rows) - min(rows) <= 1  # the last round's blocks differ by one row at most
+    if n % world == 0:
+        assert len(set(rows)) == 1
+
+
+@pytest.mark.parametrize("n, epochs, world", [(100, 3, 1), (101, 3, 2), (7, 4, 3), (1, 2, 1),
+                                             (1000, 8, 2)])
+def test_the_slots_of_several_epochs_are_cut_into_blocks_of_one_epoch_each(n, epochs, world):
+    from raypipe.config import ActorPool
+    from raypipe.data.pipeline import block_spans, slot_spans
+
+    cfg = load_config(None, ["pipeline.blocks=4", "pipeline.block_rows=64"])
+    pool = ActorPool(min_actors=1, max_actors=2, batch_size=8)
+    m = n - n % world  # the slots each epoch holds: the rest would be dropped by an equal split
+    spans, first = slot_spans(n, cfg, pool, epochs, world), block_spans(m, cfg, pool, world)
+    assert slot_spans(n, cfg, pool, 1, world) == first  # what one epoch's own execution reads
+    assert spans[:len(first)] == first
+    assert all(a // n == (b - 1) // n for a, b in spans)  # none spans two epochs
+    for e in range(1, epochs):
+        inside = [(a - e * n, b - e * n) for a, b in spans if a // n == e]
+        assert inside[0][0] == 0 and inside[-1][1] == m
+        assert all(x == y for (_, x), (y, _) in zip(inside, inside[1:], strict=False))
+        rows = [0] * world  # an equal split gives each worker the same rows of the epoch
+        for a, b in inside:
+            rows[rows.index(min(rows))] += b - a
+        assert rows == [m // world] * world
+        # later epochs in fewer, bigger blocks: the whole run's rows cut by pipeline.blocks
+        big = min(64, -(-m * epochs // 4))
+        assert all(b - a <= big for a, b in inside) and len(inside) <= len(first)
+
+
 @pytest.mark.ray
 def test_datasets_are_made_of_those_blocks_in_order(ray_cluster):
     from raypipe.data.pipeline import _records_dataset, _slots_dataset, block_spans

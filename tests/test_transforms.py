@@ -204,10 +204,10 @@ class SlotStage:
         records = [Record(r.path, i, r.key) for i, r in enumerate(self.split.train + self.split.val)]
         self.n, self.pool, self.table = len(records), pool, ray.put(_records_table(records))
 
-    def dataset(self, clock, epochs: int = 1, **kwargs):
+    def dataset(self, clock, epochs: int = 1, world: int = 1, **kwargs):
         from raypipe.data.pipeline import BadFileLedger, _map, _slots_dataset
 
-        return _map(_slots_dataset(self.n, self.cfg, self.pool, epochs), self.pool,
+        return _map(_slots_dataset(self.n, self.cfg, self.pool, epochs, world), self.pool,
                     {"filesystem": self.split.filesystem, "cfg": self.cfg.to_dict(),
                      "ledger": BadFileLedger.remote(self.n, 0.0, "fail"), "clock": clock,
                      "augment": True, "records": self.table, **kwargs})
@@ -218,13 +218,10 @@ class SlotStage:
         import ray
 
         ray.get(clock.set.remote(epoch))
-        ctx = ray.data.DataContext.get_current()
-        keep = ctx.execution_options.preserve_order
-        ctx.execution_options.preserve_order = True
-        try:
-            return ds.take_all()
-        finally:
-            ctx.execution_options.preserve_order = keep
+        # on the dataset's own context: a dataset copies the current one when it is made, so
+        # setting the current one now would leave the order to task timing
+        ds.context.execution_options.preserve_order = True
+        return ds.take_all()
 
 
 @pytest.mark.ray
@@ -316,6 +313,71 @@ def test_one_execution_streams_every_epoch_as_per_epoch_runs_do(ray_cluster, tmp
     assert not np.allclose(whole[0]["image"], whole[n + labels[n:].index(labels[0])]["image"])
 
 
+def _split_rows(ds, world: int, consume) -> list:
+    """What each of ``world`` training workers gets: ``consume(w, shard)`` run on every equal
+    shard of ``ds`` at once (a streaming split moves only while every shard is read)."""
+    import threading
+
+    shards, out, errors = ds.streaming_split(world, equal=True), [None] * world, []
+
+    def run(w: int) -> None:
+        try:
+            out[w] = consume(w, shards[w])
+        except Exception as exc:  # noqa: BLE001 - reraised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return out
+
+
+@pytest.mark.ray
+def test_one_execution_gives_every_epoch_of_every_worker_that_epochs_files(ray_cluster, tmp_path):
+    """Split between two training workers and cut into epochs by row count, one execution for
+    the run gives each worker, in each epoch, its share of that epoch's files and no other
+    epoch's, and the first epoch exactly as its own execution would. (Blocks sized by the whole
+    run held two epochs each and went whole to one worker, which then trained on epochs the
+    other reached only later; a local shuffle buffer carried rows over every cut.)"""
+    import threading
+
+    import ray
+
+    from raypipe.config import ActorPool
+    from raypipe.data.pipeline import EpochClock, epoch_order
+    from raypipe.train.worker import EpochStream
+
+    world, epochs = 2, 4
+    # 13 files: each epoch leaves out the one its random order puts last, as an equal split of
+    # that epoch alone drops it. Blocks of 2, 2, 4 and 4 rows in the first epoch, 6 and 6 after
+    pool = ActorPool(min_actors=1, max_actors=1, cpus_per_actor=0.5, batch_size=2, compute="tasks")
+    stage = SlotStage(tmp_path, {"a": 7, "b": 6},
+                      {"pipeline": {"blocks": 2}, "train": {"seed": 4, "epochs": epochs}}, pool)
+    n, clock = stage.n, EpochClock.remote()
+    rows = lambda batches: sum((b["label"].tolist() for b in batches), [])  # noqa: E731
+
+    def one_execution(w: int, shard) -> list:
+        stream = EpochStream(shard.iter_batches(batch_size=2, batch_format="numpy"),
+                             n // world, epochs)
+        return [rows(stream.epoch()) for _ in range(epochs)]
+
+    def first_epoch(w: int, shard) -> list:
+        return rows(shard.iter_batches(batch_size=2, batch_format="numpy"))
+
+    ray.get(clock.set.remote(0))
+    whole = _split_rows(stage.dataset(clock, epochs, world, whole_run=True), world,
+                        one_execution)
+    own = _split_rows(stage.dataset(clock, 1, world), world, first_epoch)
+    assert [whole[w][0] for w in range(world)] == own
+    for epoch in range(epochs):
+        assert [len(whole[w][epoch]) for w in range(world)] == [n // world] * world
+        files = sum((whole[w][epoch] for w in range(world)), [])
+        assert sorted(files) == sorted(epoch_order(n, 4, epoch)[:n - 1])
+
+
 def test_epoch_stream_cuts_one_stream_into_epochs_by_row_count():
     from raypipe.train.worker import EpochStream
 
@@ -325,12 +387,12 @@ def test_epoch_stream_cuts_one_stream_into_epochs_by_row_count():
 
     stream = EpochStream(batches(30), rows_per_epoch=10, epochs=3)
     epochs = [[b["label"].tolist() for b in stream.epoch()] for _ in range(3)]
-    # an epoch ends with the batch that reaches its rows; the last one takes the rest
-    assert [len(e) for e in epochs] == [3, 2, 3]
+    # a batch across a cut is split there: each epoch gets exactly its rows, the last the rest
+    assert [[len(b) for b in e] for e in epochs] == [[4, 4, 2], [2, 4, 4], [4, 4, 2]]
     assert sum((sum(e, []) for e in epochs), []) == list(range(30))  # every row once, in order
     # a shorter stream (files skipped as unreadable): the epochs end where the rows run out
     short = EpochStream(batches(14), rows_per_epoch=10, epochs=3)
-    assert [sum(len(b["label"]) for b in short.epoch()) for _ in range(3)] == [12, 2, 0]
+    assert [sum(len(b["label"]) for b in short.epoch()) for _ in range(3)] == [10, 4, 0]
 
     # 1 of 10 files per epoch unreadable, found while the first epoch streams: the count is
     # asked again near each epoch's end (within ``slack`` rows), so every epoch gets 9 rows
@@ -343,6 +405,6 @@ def test_epoch_stream_cuts_one_stream_into_epochs_by_row_count():
     def sizes(stream) -> list[int]:
         return [sum(len(b["label"]) for b in stream.epoch()) for _ in range(3)]
 
-    assert sizes(EpochStream(batches(27, 3), rows, epochs=3, slack=2)) == [9, 9, 9]
+    assert sizes(EpochStream(batches(27, 4), rows, epochs=3, slack=2)) == [9, 9, 9]
     asked.clear()
-    assert sizes(EpochStream(batches(27, 3), rows, epochs=3)) == [12, 9, 6]  # asked at the start only
+    assert sizes(EpochStream(batches(27, 4), rows, epochs=3)) == [10, 9, 8]  # asked at the start only

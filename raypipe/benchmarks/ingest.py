@@ -145,7 +145,8 @@ def training_pipeline(cfg: Config, split: DatasetSplit, whole_run: bool = False)
     from raypipe.data import pipeline
 
     cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"cache_val_mb": 0})})
-    train, _, _, clock = pipeline.build_datasets(cfg, split, whole_run=whole_run)
+    # one consumer: every epoch holds every training file
+    train, _, _, clock = pipeline.build_datasets(cfg, split, whole_run=whole_run, world=1)
     return train, clock
 
 

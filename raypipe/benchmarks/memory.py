@@ -5,6 +5,10 @@ Memory is sampled every ``--interval`` seconds over the driver and every process
 size where the OS reports it (shared object-store pages counted once), else resident size.
 Streaming means the 10·N peak stays within 1.2x of the N peak. One unmeasured epoch runs first,
 so that both measured epochs start with the same pool of idle Ray worker processes.
+
+``--many-epochs``: the large run is instead 10 epochs of the same N images streamed through one
+execution, as training runs them with ``pipeline.one_execution``: the stream runs ahead of its
+consumer across epochs, so this checks that running ahead stays within the same bound.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from raypipe.benchmarks.ingest import (
     data_root,
     ensure_ray,
     ray_epoch,
+    ray_run,
     split_of,
 )
 
@@ -67,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p, images=500)
     p.add_argument("--factor", type=int, default=10, help="the large epoch is factor x --images")
     p.add_argument("--interval", type=float, default=0.25, help="seconds between samples")
+    p.add_argument("--many-epochs", action="store_true",
+                   help="the large run is factor epochs of --images through one execution "
+                        "(pipeline.one_execution) instead of one epoch of factor x --images")
 
 
 def run(args) -> dict:
@@ -76,17 +84,23 @@ def run(args) -> dict:
     # without it the first measured epoch would start from a smaller session than the second
     ray_epoch(cfg, split_of(cfg, args.images), args.batch_size)
     rows = []
-    for n in (args.images, args.factor * args.images):
-        split = split_of(cfg, n)
+    for large in (False, True):
         time.sleep(1.0)  # let the previous epoch's actors exit before the baseline
         base = session_memory()
         with PeakSampler(args.interval) as s:
-            got, seconds, _ = ray_epoch(cfg, split, args.batch_size)
+            if large and args.many_epochs:
+                epochs = ray_run(cfg, split_of(cfg, args.images), args.batch_size, args.factor)
+                got, seconds = sum(e[0] for e in epochs), sum(e[1] for e in epochs)
+            else:
+                n = args.factor * args.images if large else args.images
+                got, seconds, _ = ray_epoch(cfg, split_of(cfg, n), args.batch_size)
         rows.append({"images": got, "baseline_mib": base / 2**20, "peak_mib": s.peak / 2**20,
-                     "rise_mib": (s.peak - base) / 2**20, "samples": s.samples, "epoch_s": seconds})
+                     "rise_mib": (s.peak - base) / 2**20, "samples": s.samples, "run_s": seconds})
     ratio = rows[1]["peak_mib"] / rows[0]["peak_mib"]
     return {
-        "benchmark": "memory", "images_small": rows[0]["images"], "images_large": rows[1]["images"],
+        "benchmark": "memory", "large_run": f"{args.factor} epochs of {args.images} images, one "
+        "execution" if args.many_epochs else f"one epoch of {args.factor} x {args.images} images",
+        "images_small": rows[0]["images"], "images_large": rows[1]["images"],
         "peak_small_mib": rows[0]["peak_mib"], "peak_large_mib": rows[1]["peak_mib"],
         "peak_ratio": ratio, "target_ratio_max": 1.2, "image_size": args.image_size,
         "scope": "driver and its descendant processes (the whole session when this driver started Ray)",

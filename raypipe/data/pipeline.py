@@ -230,21 +230,36 @@ class ImageBatchProcessor:
         }
 
 
-def block_spans(n: int, cfg: Config, pool: ActorPool) -> list[tuple[int, int]]:
+def block_spans(n: int, cfg: Config, pool: ActorPool, world: int = 1,
+                size: int | None = None) -> list[tuple[int, int]]:
     """``[start, end)`` row spans cutting ``n`` rows into blocks of at most
     ``pipeline.block_rows`` (and at least ``pipeline.blocks`` blocks, so that every actor of a big
     pool gets work). The first blocks are small: each of the pool's ``max_actors`` lanes starts
-    with one ``batch_size`` block, and block sizes double from there. A stage hands a block on only
-    when it has processed all of it, so the first batch comes after one small block instead of
-    one full-size block, while the big blocks after it keep the per-block overhead low."""
-    largest = max(1, min(cfg.pipeline.block_rows, -(-n // cfg.pipeline.blocks)))
-    size, start, spans = min(pool.batch_size, largest), 0, []
+    with one ``batch_size`` block, and block sizes double from there.
+    A stage hands a block on only when it has processed all of it, so the first batch comes
+    after one small block instead of one full-size block, while the big blocks after it keep the
+    per-block overhead low.
+
+    ``world``: the training workers the rows are split between. Blocks come in rounds of
+    ``world`` blocks of one size (the last round splits what is left as evenly as it goes), so
+    that an equal streaming split, which hands each block to the worker with the fewest rows so
+    far, gives every worker one block of each round and all of them the same rows. ``size``:
+    blocks of that size (none small), instead of the rule above."""
+    world = max(1, world)
+    largest = size or max(1, min(cfg.pipeline.block_rows, -(-n // cfg.pipeline.blocks)))
+    size = size or min(pool.batch_size, largest)
+    rounds = -(-pool.max_actors // world)  # of each size: a block for every lane, in whole rounds
+    start, spans = 0, []
     while start < n:
-        for _ in range(pool.max_actors):
-            if start >= n:
+        for _ in range(rounds):
+            left = n - start
+            if left <= 0:
                 break
-            spans.append((start, min(n, start + size)))
-            start = spans[-1][1]
+            cuts = [size] * world if left >= size * world else \
+                [left // world + (w < left % world) for w in range(world)]
+            for rows in filter(None, cuts):
+                spans.append((start, start + rows))
+                start += rows
         size = min(largest, size * 2)
     return spans
 
@@ -260,22 +275,40 @@ def _records_table(records: list[Record]) -> pa.Table:
                      "key": [r.key for r in records]})
 
 
-def _in_blocks(table: pa.Table, cfg: Config, pool: ActorPool) -> ray.data.Dataset:
-    """``table`` as a Dataset of :func:`block_spans` blocks, in order."""
-    spans = block_spans(table.num_rows, cfg, pool) or [(0, 0)]
-    return ray.data.from_arrow([table.slice(a, b - a) for a, b in spans])
-
-
 def _records_dataset(records: list[Record], cfg: Config, pool: ActorPool) -> ray.data.Dataset:
-    """The files in their given order (validation, inference)."""
-    return _in_blocks(_records_table(records), cfg, pool)
+    """The files in their given order (validation, inference), in :func:`block_spans` blocks."""
+    table = _records_table(records)
+    return ray.data.from_arrow([table.slice(a, b - a)
+                                for a, b in block_spans(len(records), cfg, pool) or [(0, 0)]])
 
 
-def _slots_dataset(n: int, cfg: Config, pool: ActorPool, epochs: int = 1) -> ray.data.Dataset:
-    """Training rows 0..epochs*n-1 (slots); the processors turn slot ``e * n + i`` into file
-    ``epoch_order(n, seed, e)[i]``. So every epoch reads all files in a new order (a full
+def slot_spans(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
+               world: int = 1) -> list[tuple[int, int]]:
+    """The blocks of ``epochs`` epochs of ``n`` training slots split between ``world`` workers.
+    Each epoch holds slots ``e * n + i`` for ``i < world * (n // world)``: the rest, fewer than
+    ``world`` files at the end of the epoch's random order, are left out of that epoch, as an
+    equal split of one epoch drops them. The first epoch is cut as its own execution would cut
+    it (:func:`block_spans`, small blocks first); later ones, which one execution reaches with
+    its stream already flowing, into blocks up to the size :func:`block_spans` gives the whole
+    run's rows (fewer blocks: less overhead per row). No block spans two epochs and every
+    epoch's blocks come in rounds of ``world``, so each worker's equal shard of one execution
+    for the run, cut by row count (``EpochStream``), holds in each epoch only that epoch's rows,
+    and the workers together all of them. (Blocks of several epochs went whole to one worker,
+    which then trained on epochs the others reached only later.)"""
+    world = max(1, world)
+    m = n - n % world
+    big = max(1, min(cfg.pipeline.block_rows, -(-m * epochs // cfg.pipeline.blocks)))
+    first, later = block_spans(m, cfg, pool, world), block_spans(m, cfg, pool, world, big)
+    return first + [(e * n + a, e * n + b) for e in range(1, epochs) for a, b in later]
+
+
+def _slots_dataset(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
+                   world: int = 1) -> ray.data.Dataset:
+    """Training rows (slots) of :func:`slot_spans`; the processors turn slot ``e * n + i`` into
+    file ``epoch_order(n, seed, e)[i]``. So every epoch reads all files in a new order (a full
     shuffle, not just a new block order) while the small first blocks stay first."""
-    return _in_blocks(pa.table({"slot": np.arange(n * epochs, dtype=np.int64)}), cfg, pool)
+    return ray.data.from_arrow([pa.table({"slot": np.arange(a, b, dtype=np.int64)})
+                                for a, b in slot_spans(n, cfg, pool, epochs, world) or [(0, 0)]])
 
 
 _PROCESSORS: dict[str, ImageBatchProcessor] = {}
@@ -329,13 +362,15 @@ def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict, inference: bool = 
 
 def build_datasets(
     cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None,
-    whole_run: bool = False,
+    whole_run: bool = False, world: int | None = None,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset, Any, Any]:
     """(train_ds, val_ds, ledger, clock). ``train_records`` overrides the split's training set
     (the overfit check's small subset). ``val_ds`` is already materialized (preprocessed now, in
     the object store) when it fits ``pipeline.cache_val_mb``. ``whole_run``: ``train_ds`` holds
     :func:`epochs_per_execution` epochs, run once per that many epochs (the clock holds the
-    execution's first epoch); else one epoch, run once per epoch (the clock holds the epoch)."""
+    execution's first epoch); else one epoch, run once per epoch (the clock holds the epoch).
+    ``world``: the training workers ``train_ds`` is split between (``train.num_workers``), see
+    :func:`slot_spans`."""
     train_records = split.train if train_records is None else train_records
     total = len(train_records) + len(split.val)
     ledger = BadFileLedger.remote(total, cfg.data.max_bad_fraction, cfg.data.on_bad_file)
@@ -346,7 +381,8 @@ def build_datasets(
     overfit = cfg.train.overfit_subset is not None
     base = {"filesystem": split.filesystem, "cfg": conf, "ledger": ledger}
     train = _slots_dataset(len(train_records), cfg, cfg.pipeline.train,
-                           epochs_per_execution(cfg, len(train_records)) if whole_run else 1)
+                           epochs_per_execution(cfg, len(train_records)) if whole_run else 1,
+                           cfg.train.num_workers if world is None else world)
     train = _map(train, cfg.pipeline.train, {**base, "clock": clock,
                                              "augment": cfg.augment.enabled and not overfit,
                                              "reshuffle": not overfit, "whole_run": whole_run,

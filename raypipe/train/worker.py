@@ -134,10 +134,12 @@ class NextEpochBatches:
 class EpochStream:
     """One stream of batches for every epoch of a run (``pipeline.one_execution``), cut into
     epochs by row count. Each worker's shard holds the same number of rows (an equal split), in
-    batches of the same sizes, so every worker cuts at the same step and DDP stays in step. An
-    epoch ends with the batch that reaches its share of rows, so a batch may hold the last rows
-    of one epoch and the first of the next (each row is augmented and ordered for its own epoch
-    all the same: its slot carries the epoch); the last epoch takes whatever is left.
+    batches of the same sizes, so every worker cuts at the same step and DDP stays in step. A
+    batch that holds the last rows of one epoch and the first of the next is split there: the
+    epoch ends with a short batch, as its own execution would end, and the next begins with the
+    rest. So each epoch gets exactly its share of rows, and the last epoch of an execution is not
+    short by what earlier epochs' last batches would have borrowed. The last epoch takes whatever
+    is left.
 
     ``rows_per_epoch``: a number, or a function asked at the start of each epoch and, within
     ``slack`` rows of its end, before each batch (rows per worker and epoch, less the training
@@ -151,6 +153,7 @@ class EpochStream:
         self.slack = max(0, slack)
         self.epochs_left = epochs
         self._seen = self._end = 0
+        self._carry: dict | None = None  # the next epoch's part of a batch split at a cut
 
     def epoch(self) -> Iterator[dict]:
         self.epochs_left -= 1
@@ -163,10 +166,17 @@ class EpochStream:
                     self._end = start + max(1, self._rows())
                 if self._seen >= self._end:
                     break
-            batch = next(self._it, None)
+            batch, self._carry = (self._carry, None) if self._carry is not None else \
+                (next(self._it, None), None)
             if batch is None:
                 break
-            self._seen += len(batch["label"])
+            rows = len(batch["label"])
+            if not last and self._seen + rows > self._end:  # the cut falls inside this batch
+                keep = self._end - self._seen
+                batch, self._carry = ({k: v[:keep] for k, v in batch.items()},
+                                      {k: v[keep:] for k, v in batch.items()})
+                rows = keep
+            self._seen += rows
             yield batch
 
 
@@ -232,11 +242,11 @@ def train_func(config: dict) -> None:
         # one execution for several epochs: the execution's first, to which each slot adds its own)
         if clock is not None:
             ray.get(clock.set.remote(epoch))
+        # no local shuffle buffer: each epoch's slots are already a full permutation of the
+        # files (epoch_order), and with one execution for several epochs a buffer would carry
+        # rows of one epoch into the next one's cut
         return train_shard.iter_torch_batches(
-            batch_size=per_worker_batch, prefetch_batches=cfg.pipeline.prefetch_batches,
-            local_shuffle_buffer_size=per_worker_batch * 4 if t.overfit_subset is None else None,
-            local_shuffle_seed=t.seed * 1000 + epoch,
-        )
+            batch_size=per_worker_batch, prefetch_batches=cfg.pipeline.prefetch_batches)
 
     def epoch_rows() -> int:
         # the same on every worker (rank 0's count of unreadable training files), so that every
