@@ -6,7 +6,7 @@ size where the OS reports it (shared object-store pages counted once), else resi
 Streaming means the 10·N peak stays within 1.2x of the N peak. One unmeasured epoch runs first,
 so that both measured epochs start with the same pool of idle Ray worker processes.
 
-``--many-epochs``: the large run is instead 10 epochs of the same N images streamed through one
+``--many-epochs``: the large run is instead ``--factor`` epochs of the same N images through one
 execution, as training runs them with ``pipeline.one_execution``: the stream runs ahead of its
 consumer across epochs, so this checks that running ahead stays within the same bound.
 """

@@ -305,7 +305,7 @@ def slot_spans(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
 def _slots_dataset(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
                    world: int = 1) -> ray.data.Dataset:
     """Training rows (slots) of :func:`slot_spans`; the processors turn slot ``e * n + i`` into
-    file ``epoch_order(n, seed, e)[i]``. So every epoch reads all files in a new order (a full
+    file ``epoch_order(n, seed, e)[i]``. So every epoch reads the files in a new order (a full
     shuffle, not just a new block order) while the small first blocks stay first."""
     return ray.data.from_arrow([pa.table({"slot": np.arange(a, b, dtype=np.int64)})
                                 for a, b in slot_spans(n, cfg, pool, epochs, world) or [(0, 0)]])

@@ -166,8 +166,8 @@ class EpochStream:
                     self._end = start + max(1, self._rows())
                 if self._seen >= self._end:
                     break
-            batch, self._carry = (self._carry, None) if self._carry is not None else \
-                (next(self._it, None), None)
+            batch = self._carry if self._carry is not None else next(self._it, None)
+            self._carry = None
             if batch is None:
                 break
             rows = len(batch["label"])
