@@ -154,7 +154,9 @@ def test_overfit_check_fails_with_diagnosis_when_learning_is_impossible(ray_clus
 @pytest.mark.ray
 @pytest.mark.slow
 def test_component_grid_writes_table_and_chart(ray_cluster, tmp_path):
-    keep = {"full", "no_augmentation", "no_lr_decay"}
+    # the full config and one variant: each variant is the same kind of trial, and the suite's time
+    # goes into trial start-ups
+    keep = {"full", "no_augmentation"}
     drop = [n for n in abl.component_variants(load_config(None)) if n not in keep]
     r = run_job("ablate.py", "--skip-overfit", "--name", "grid", "--set", f"exclude=[{', '.join(drop)}]",
                 "--set", "subset=32", "--set", "trial_overrides=[train.epochs=1]",
@@ -167,9 +169,8 @@ def test_component_grid_writes_table_and_chart(ray_cluster, tmp_path):
     for row in table.values():
         assert 0.0 <= float(row["best_val_auc"]) <= 1.0 and row["seeds"] == "1"
     assert float(table["full"]["delta_auc"]) == 0.0
-    for v in ("no_augmentation", "no_lr_decay"):
-        expected = float(table[v]["best_val_auc"]) - float(table["full"]["best_val_auc"])
-        assert math.isclose(float(table[v]["delta_auc"]), expected, abs_tol=1e-3)
+    expected = float(table["no_augmentation"]["best_val_auc"]) - float(table["full"]["best_val_auc"])
+    assert math.isclose(float(table["no_augmentation"]["delta_auc"]), expected, abs_tol=1e-3)
     assert "| no_augmentation |" in (d / "ablation.md").read_text()
     assert (d / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert "chart:" in r.stdout

@@ -342,7 +342,6 @@ def test_one_execution_gives_every_epoch_of_every_worker_that_epochs_files(ray_c
     epoch's, and the first epoch exactly as its own execution would. (Blocks sized by the whole
     run held two epochs each and went whole to one worker, which then trained on epochs the
     other reached only later; a local shuffle buffer carried rows over every cut.)"""
-    import threading
 
     import ray
 

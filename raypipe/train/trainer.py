@@ -262,9 +262,11 @@ def check_pretrained(cfg: Config, num_classes: int) -> None:
 
 def build_trainer(
     cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None,
-    callbacks: list | None = None,
+    callbacks: list | None = None, stop_gate: Any = None,
 ) -> tuple[TorchTrainer, Any]:
-    """A ready-to-fit TorchTrainer and the bad-file ledger actor."""
+    """A ready-to-fit TorchTrainer and the bad-file ledger actor. ``stop_gate`` (a search
+    scheduler's :class:`~raypipe.tune.stopping.StopGate`) is asked after each epoch but the last
+    whether to go on."""
     layout = resolve_layout(cfg, cluster_capacity())
     cfg = pipeline.resolve_compute(cfg, layout.use_gpu)
     records = split.train if train_records is None else train_records
@@ -295,6 +297,7 @@ def build_trainer(
         "train_rows": len(records),
         "epochs_per_execution": pipeline.epochs_per_execution(cfg, len(records)),
         "ledger": ledger,
+        "stop_gate": stop_gate,
     }
     resources = {"CPU": cfg.train.cpus_per_worker}
     if layout.use_gpu:
@@ -397,7 +400,7 @@ def checkpoint_uri(cfg: Config, checkpoint) -> str:
 
 def run_training(
     cfg: Config, split: DatasetSplit | None = None, train_records: list[Record] | None = None,
-    callbacks: list | None = None,
+    callbacks: list | None = None, stop_gate: Any = None,
 ) -> dict:
     """Run one training job end to end; returns (and writes) ``summary.json``'s content."""
     t0 = time.time()
@@ -411,7 +414,7 @@ def run_training(
     log.info("classes %s; counts %s", split.class_names, split.counts())
     _remove(join_uri(run_dir, DIVERGED_FILE))  # a resumed run starts healthy
     remove_unregistered_checkpoints(run_dir)  # left by an earlier run that was killed
-    trainer, ledger = build_trainer(cfg, split, train_records, callbacks)
+    trainer, ledger = build_trainer(cfg, split, train_records, callbacks, stop_gate)
     records = split.train if train_records is None else train_records
     try:
         result = trainer.fit()

@@ -322,6 +322,11 @@ def train_func(config: dict) -> None:
         if rank == 0:  # worker loggers are not configured; stdout reaches the driver's console
             print(epoch_line(metrics, t.epochs), flush=True)
         _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts, ema)
+        gate = facts.get("stop_gate")
+        if gate is not None and epoch + 1 < t.epochs:
+            # a search scheduler's verdict on this epoch, the same on every worker
+            if _from_rank0(int(rank == 0 and gate.should_stop(epoch)), device):
+                break
     tb.close()
 
 

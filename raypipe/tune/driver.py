@@ -126,8 +126,8 @@ def train_trial(params: dict[str, Any], job: SearchJob) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raypipe.data.sources import discover, subset
-    from raypipe.train.trainer import RunError, run_dir_of, run_training
-    from raypipe.tune.stopping import ScheduledStopCallback, is_scheduled_stop
+    from raypipe.train.trainer import run_dir_of, run_training
+    from raypipe.tune.stopping import StopGate
 
     trial_id = tune.get_context().get_trial_id()
     cfg = job.trial_config(params, run_name=trial_id)
@@ -135,14 +135,10 @@ def train_trial(params: dict[str, Any], job: SearchJob) -> None:
     records = None
     if job.subset is not None and cfg.train.overfit_subset is None:
         records = subset(split.train, job.subset, cfg.data.split_seed)
-    callbacks = [TuneReportCallback()]
-    if job.early_stopping:
-        callbacks.append(ScheduledStopCallback(job.board_name, trial_id, last_epoch=cfg.train.epochs - 1))
-    try:
-        run_training(cfg, split=split, train_records=records, callbacks=callbacks)
-    except RunError as exc:
-        if not is_scheduled_stop(exc):
-            raise
+    gate = StopGate(job.board_name, trial_id) if job.early_stopping else None
+    run_training(cfg, split=split, train_records=records, callbacks=[TuneReportCallback()],
+                 stop_gate=gate)
+    if gate is not None and gate.stopped(last_epoch=cfg.train.epochs - 1):
         log.info("trial %s stopped early by the scheduler", trial_id)
         mark_stopped_early(run_dir_of(cfg))
 

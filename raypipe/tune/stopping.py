@@ -1,34 +1,31 @@
-"""Early stopping that ends a trial's training run cleanly.
+"""Early stopping that ends a trial's training run cleanly, before it trains on.
 
 When a Tune scheduler stops a trial, Tune ends the trial's actor; the ``TorchTrainer`` running
 inside it loses its controller abruptly, and its workers' placement group and data actors can
 outlive it (Ray Train's own clean-up needs the dashboard's state API), starving the next trials.
 
 So the scheduler here never stops a trial itself. :class:`BoardedASHA` takes ASHA's decision for
-each reported epoch and posts it on a :class:`DecisionBoard`; inside the trainer,
-:class:`ScheduledStopCallback` reads the decision for the epoch just reported and, on "stop",
-raises :class:`ScheduledStop`, which ends the run through Ray Train's ordinary failure path
-(workers shut down, placement group removed). The trial function then returns normally.
+each reported epoch and posts it on a :class:`DecisionBoard`. The training workers hold a
+:class:`StopGate`: after reporting an epoch, rank 0 waits for the decision on it and every
+worker follows, either into the next epoch or out of the loop, so the run ends as a finished one
+(workers shut down, placement group removed) and a stopped trial never trains past the epoch it
+was stopped at. Workers do not wait on Ray Train's controller after a report; a check there
+(after the report reaches the driver) would let them train an epoch or more past the stop.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.train.v2.api.callback import UserCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 log = logging.getLogger(__name__)
 
 STOP, CONTINUE = "stop", "continue"
-MARKER = "stopped by the search scheduler"
-
-
-class ScheduledStop(RuntimeError):
-    """Raised inside the trainer to end a run the search scheduler has stopped."""
 
 
 @ray.remote(num_cpus=0)
@@ -43,6 +40,12 @@ class DecisionBoard:
 
     def get(self, trial_id: str, epoch: int) -> str | None:
         return self.decisions.get((trial_id, int(epoch)))
+
+    def stopped_before(self, trial_id: str, last_epoch: int) -> bool:
+        """Whether the trial was stopped after an epoch before its last one (at its last
+        epoch ASHA answers "stop" to every trial: that one ends by itself)."""
+        return any(t == trial_id and e < last_epoch and d == STOP
+                   for (t, e), d in self.decisions.items())
 
 
 _HELD: dict[str, Any] = {}
@@ -76,44 +79,26 @@ class BoardedASHA(ASHAScheduler):
         return TrialScheduler.CONTINUE
 
 
-class ScheduledStopCallback(UserCallback):
-    """Runs in the Ray Train controller after each report: waits for the scheduler's decision on
-    that epoch and raises :class:`ScheduledStop` when it is "stop"."""
+@dataclass(frozen=True)
+class StopGate:
+    """Carried to the training workers: the scheduler's decision on an epoch, waited for."""
 
-    def __init__(self, board_name: str, trial_id: str, last_epoch: int, timeout_s: float = 120.0):
-        self.board_name = board_name
-        self.trial_id = trial_id
-        self.last_epoch = last_epoch
-        self.timeout_s = timeout_s
+    board_name: str
+    trial_id: str
+    timeout_s: float = 120.0
 
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        epoch = metrics[0].get("epoch") if metrics else None
-        if epoch is None or int(epoch) >= self.last_epoch:
-            return  # the last epoch: the run ends by itself
+    def should_stop(self, epoch: int) -> bool:
         deadline = time.monotonic() + self.timeout_s
-        decision, decisions = None, board(self.board_name)
+        decisions = board(self.board_name)
+        decision = ray.get(decisions.get.remote(self.trial_id, int(epoch)))
         while decision is None and time.monotonic() < deadline:
+            time.sleep(0.05)
             decision = ray.get(decisions.get.remote(self.trial_id, int(epoch)))
-            if decision is None:
-                time.sleep(0.2)
         if decision is None:
             log.warning("no scheduler decision for trial %s epoch %s within %.0f s; continuing",
                         self.trial_id, epoch, self.timeout_s)
-        if decision == STOP:
-            raise ScheduledStop(
-                f"trial {self.trial_id} {MARKER} after epoch {epoch}")
+        return decision == STOP
 
-
-def is_scheduled_stop(exc: BaseException) -> bool:
-    """Whether ``exc`` (or anything in its cause chain) is a :class:`ScheduledStop`."""
-    seen, todo = set(), [exc]
-    while todo:
-        cur = todo.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, ScheduledStop) or MARKER in str(cur):
-            return True
-        # Ray Train wraps a callback's exception as ControllerError(controller_failure)
-        todo += [cur.__cause__, cur.__context__, getattr(cur, "controller_failure", None)]
-    return False
+    def stopped(self, last_epoch: int) -> bool:
+        """Whether the scheduler stopped the trial before ``last_epoch`` (read by the trial)."""
+        return bool(ray.get(board(self.board_name).stopped_before.remote(self.trial_id, last_epoch)))
