@@ -12,9 +12,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from raypipe.cli import fail, setup_logging
+from raypipe.cli import exit_with, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(fail(main))
+    exit_with(main)

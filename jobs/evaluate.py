@@ -8,9 +8,8 @@ pictures to ``--out`` (default ``<run dir>/eval-<checkpoint>[-<data>]``).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from raypipe.cli import fail, init_ray, setup_logging
+from raypipe.cli import exit_with, init_ray, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,4 +39,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(fail(main))
+    exit_with(main)

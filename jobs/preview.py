@@ -8,9 +8,8 @@ Writes a PNG grid: a few original images of the dataset, each preprocessing step
 from __future__ import annotations
 
 import argparse
-import sys
 
-from raypipe.cli import fail, load, setup_logging
+from raypipe.cli import exit_with, load, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(fail(main))
+    exit_with(main)

@@ -6,9 +6,8 @@ Joins the Ray cluster it is submitted to (``ray job submit``), or starts a local
 from __future__ import annotations
 
 import argparse
-import sys
 
-from raypipe.cli import fail, init_ray, load, setup_logging
+from raypipe.cli import exit_with, init_ray, load, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,4 +31,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(fail(main))
+    exit_with(main)

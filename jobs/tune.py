@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from raypipe.cli import fail, setup_logging
+from raypipe.cli import exit_with, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(fail(main))
+    exit_with(main)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from raypipe.config import Config, ConfigError, load_config
 
@@ -170,6 +171,20 @@ def fail(main: Callable[[], int]) -> int:
     except _user_errors() as exc:
         report(f"error: {exc}")
         return 1
+
+
+def exit_with(main: Callable[[], int]) -> NoReturn:
+    """A job's entry point: :func:`fail` (main), then exit with its code. An interrupted job has
+    already stopped Ray and written what it had; its interpreter shutdown can still abort inside
+    Ray's core worker after a SIGTERM (exit -6 instead of 130, seen on a loaded machine), so that
+    one ends here, with its streams and logs flushed, without the interpreter's shutdown."""
+    code = fail(main)
+    if code == 130:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
 
 
 def _ray_initialized() -> bool:

@@ -138,3 +138,30 @@ def test_run_writes_curves_and_report(run):
     assert f"| train | {n_train} |" in text and f"| val | {n_val} |" in text
     assert "image_size: 32" in text
     assert "None: every file was read." in text
+
+
+def _ray_processes(title: str) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].startswith(title):
+            out.append(p.info["pid"])
+    return out
+
+
+@pytest.mark.slow
+def test_a_finished_run_leaves_no_controller_or_data_actors_behind(run):
+    import signal
+    import time
+
+    # TorchTrainer.fit registers a SIGINT handler holding the run's controller; run_training puts
+    # the previous handler back, so the controller (and the data actors it holds) goes with the run
+    handler = signal.getsignal(signal.SIGINT)
+    assert "controller" not in getattr(getattr(handler, "__code__", None), "co_freevars", ())
+    deadline = time.monotonic() + 60
+    while (left := _ray_processes("ray::TrainController") + _ray_processes("ray::SplitCoordinator")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of a finished run still alive: {left}"

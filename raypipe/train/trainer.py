@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -417,7 +420,8 @@ def run_training(
     trainer, ledger = build_trainer(cfg, split, train_records, callbacks, stop_gate)
     records = split.train if train_records is None else train_records
     try:
-        result = trainer.fit()
+        with _sigint_handler_restored():
+            result = trainer.fit()
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ray Train turns SIGINT into a graceful abort that ends in SystemExit: keep what we have
         _write_partial_summary(cfg, split, records, ledger, "interrupted", None, t0)
@@ -458,6 +462,23 @@ def run_training(
     write_summary(run_dir, summary)
     _write_report(cfg, summary)
     return summary
+
+
+@contextlib.contextmanager
+def _sigint_handler_restored():
+    """``TorchTrainer.fit`` (in the main thread) installs a SIGINT handler that holds the run's
+    controller actor and is never removed: in a process that trains more than once, each finished
+    run's controller and its data actors would live on until the next run. Put the previous
+    handler back when ``fit`` returns, so they go with the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
 
 
 _STORAGE_ERRORS = ("No space left", "Errno 28", "Read-only file system", "Errno 30",
