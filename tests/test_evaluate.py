@@ -54,9 +54,12 @@ def test_job_evaluates_the_validation_split(run, ray_cluster, tmp_path):
                                                      labels=[0, 1]), rel=1e-6)
     assert m["youden_point"]["j"] >= m["chosen_point"]["tpr"] - m["chosen_point"]["fpr"] - 1e-9
     # the job scores exactly the model training validated: the moving average with mirror-image
-    # TTA, and with rank 0's BatchNorm statistics on both workers
-    assert m["auc"] == pytest.approx(summary["best_metrics"]["val_auc"], abs=0.01)
+    # TTA, and with rank 0's BatchNorm statistics on both workers. The loss pins the scores; the
+    # AUC can move only through positive/negative pairs scored within float noise of each other
+    # (a one-epoch model may score many images almost alike: 0.4875 vs 0.5225 was seen so)
     assert m["loss"] == pytest.approx(summary["best_metrics"]["val_loss"], rel=1e-4)
+    near_ties = float((np.abs(s[y == 1][:, None] - s[y == 0][None, :]) < 1e-4).mean())
+    assert abs(m["auc"] - summary["best_metrics"]["val_auc"]) <= near_ties + 1e-6
     import torch
     state = torch.load(Path(summary["best_checkpoint"]) / "model.pt", weights_only=True)
     assert state["ema_steps"] > 0

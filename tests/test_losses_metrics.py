@@ -158,6 +158,8 @@ def test_auc_gathered_across_two_workers_with_uneven_shards_equals_sklearn(ray_c
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raypipe.train.trainer import fit
+
     # defined here so that it pickles by value: workers cannot import this test module
     def _gather_worker(config: dict) -> None:
         """Each rank scores its own uneven slice of each case; metrics come from the gathered
@@ -198,7 +200,7 @@ def test_auc_gathered_across_two_workers_with_uneven_shards_equals_sklearn(ray_c
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name="gather", storage_path=str(tmp_path)),
     )
-    trainer.fit()
+    fit(trainer)
     got = json.loads((tmp_path / "gathered.json").read_text())
     for case, (y, logits, bounds) in cases.items():
         probs = softmax(logits)

@@ -141,13 +141,18 @@ def test_run_writes_curves_and_report(run):
 
 
 def _ray_processes(title: str) -> list[int]:
+    """This session's cluster's processes titled ``title`` (the cluster's processes descend from
+    this one; other clusters on the machine are not looked at)."""
     import psutil
 
     out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = p.info["cmdline"] or []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
         if cmd and cmd[0].startswith(title):
-            out.append(p.info["pid"])
+            out.append(p.pid)
     return out
 
 

@@ -77,6 +77,8 @@ def ray_train(spec: dict) -> tuple[list[float], float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raypipe.train.trainer import fit
+
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         ray_train_loop, train_loop_config=spec,
@@ -84,7 +86,7 @@ def ray_train(spec: dict) -> tuple[list[float], float]:
                                      resources_per_worker={"CPU": spec["threads"]}),
         run_config=RunConfig(name="bench-overhead", storage_path=tempfile.mkdtemp(prefix="raypipe-bench-")),
     )
-    result = trainer.fit()
+    result = fit(trainer)
     return list(result.metrics["epoch_times"]), time.perf_counter() - t0
 
 

@@ -420,8 +420,7 @@ def run_training(
     trainer, ledger = build_trainer(cfg, split, train_records, callbacks, stop_gate)
     records = split.train if train_records is None else train_records
     try:
-        with _sigint_handler_restored():
-            result = trainer.fit()
+        result = fit(trainer)
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ray Train turns SIGINT into a graceful abort that ends in SystemExit: keep what we have
         _write_partial_summary(cfg, split, records, ledger, "interrupted", None, t0)
@@ -462,6 +461,13 @@ def run_training(
     write_summary(run_dir, summary)
     _write_report(cfg, summary)
     return summary
+
+
+def fit(trainer: TorchTrainer):
+    """``trainer.fit()``, after which the run's controller and data actors end (see
+    :func:`_sigint_handler_restored`); every ``fit`` of a raypipe process goes through here."""
+    with _sigint_handler_restored():
+        return trainer.fit()
 
 
 @contextlib.contextmanager
