@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -464,24 +463,15 @@ def run_training(
 
 
 def fit(trainer: TorchTrainer):
-    """``trainer.fit()``, after which the run's controller and data actors end (see
-    :func:`_sigint_handler_restored`); every ``fit`` of a raypipe process goes through here."""
-    with _sigint_handler_restored():
-        return trainer.fit()
-
-
-@contextlib.contextmanager
-def _sigint_handler_restored():
-    """``TorchTrainer.fit`` (in the main thread) installs a SIGINT handler that holds the run's
-    controller actor and is never removed: in a process that trains more than once, each finished
-    run's controller and its data actors would live on until the next run. Put the previous
-    handler back when ``fit`` returns, so they go with the run."""
+    """``trainer.fit()``; every ``fit`` of a raypipe process goes through here. In the main thread
+    ``fit`` installs a SIGINT handler that holds the run's controller actor and is never removed:
+    in a process that trains more than once, each finished run's controller and its data actors
+    would live on until the next run. The previous handler is put back, so they go with the run."""
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        return trainer.fit()
     previous = signal.getsignal(signal.SIGINT)
     try:
-        yield
+        return trainer.fit()
     finally:
         if previous is not None:  # None: a handler not set from Python, which cannot be put back
             signal.signal(signal.SIGINT, previous)

@@ -90,10 +90,9 @@ class StopGate:
     def should_stop(self, epoch: int) -> bool:
         deadline = time.monotonic() + self.timeout_s
         decisions = board(self.board_name)
-        decision = ray.get(decisions.get.remote(self.trial_id, int(epoch)))
-        while decision is None and time.monotonic() < deadline:
+        while (decision := ray.get(decisions.get.remote(self.trial_id, int(epoch)))) is None \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
-            decision = ray.get(decisions.get.remote(self.trial_id, int(epoch)))
         if decision is None:
             log.warning("no scheduler decision for trial %s epoch %s within %.0f s; continuing",
                         self.trial_id, epoch, self.timeout_s)
