@@ -126,6 +126,11 @@ class PipelineConfig(_Section):
         512, ge=1, description="and into blocks of at most this many files, so that every actor "
         "of a large pool gets work; smaller blocks give an earlier first batch but lower steady "
         "throughput (README, Performance)")
+    max_block_mib: float = Field(
+        16, gt=0, description="preprocessed batches leave the map stage in blocks of at most "
+        "about this many MiB (Ray Data's default is 128). Each block in flight is held in the "
+        "object store and by its consumer, so this bounds the pipeline's memory whatever the "
+        "dataset size or block_rows (README, Performance)")
     prefetch_batches: int = Field(2, ge=0)
     cache_val_mb: float = Field(
         512, ge=0, description="a validation set whose preprocessed tensors fit in this many MiB "

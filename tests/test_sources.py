@@ -200,6 +200,30 @@ def test_datasets_are_made_of_those_blocks_in_order(ray_cluster):
     assert list(slots.to_pandas()["slot"]) == list(range(300))
 
 
+@pytest.mark.ray
+def test_the_map_stage_emits_blocks_of_at_most_max_block_mib(ray_cluster, tmp_path):
+    """Memory is bounded by the block size, not by how many files a block of the file list
+    holds: one input block of 24 files comes out as blocks of about max_block_mib each."""
+    from raypipe.data.pipeline import build_datasets
+
+    root = make_image_folder(tmp_path / "imgs", {"cats": 12, "dogs": 12})
+    row = 16 * 16 * 4  # one grayscale 16x16 float32 image (the label adds 8 bytes)
+
+    def blocks(max_block_mib: float) -> list[tuple[int, int]]:
+        cfg = load_config(None, [f"data.root={root}", "data.val_fraction=0.25",
+                                 "preprocess.image_size=16", "pipeline.blocks=1",
+                                 f"pipeline.max_block_mib={max_block_mib}"])
+        train, _, _, _ = build_datasets(cfg, discover(cfg.data))
+        return [(m.num_rows, m.size_bytes) for bundle in train.materialize().iter_internal_ref_bundles()
+                for m in bundle.metadata]
+
+    whole = blocks(16)
+    assert [rows for rows, _ in whole] == [18]  # 24 files, 6 for validation: one block
+    cut = blocks(4 * row / 2**20)
+    assert sum(rows for rows, _ in cut) == 18 and len(cut) >= 4
+    assert all(size <= 4 * row + row + 64 for _, size in cut), cut
+
+
 def test_epoch_order_is_a_new_permutation_each_epoch_and_reproducible():
     from raypipe.data.pipeline import epoch_order
 

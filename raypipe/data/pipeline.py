@@ -341,11 +341,15 @@ def resolve_compute(cfg: Config, use_gpu: bool) -> Config:
     return cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update=pools)})
 
 
-def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict, inference: bool = False) -> ray.data.Dataset:
+def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict, max_block_mib: float,
+         inference: bool = False) -> ray.data.Dataset:
     """The file -> model-ready batch stage, on an actor pool or (``pool.compute=tasks``) on
     stateless tasks that reuse Ray's worker processes across epochs (measured trade-off: no
     per-epoch actor start-up, lower steady throughput; see the README's performance section).
     ``auto`` not resolved by :func:`resolve_compute` follows the cluster: actors where it has GPUs."""
+    # blocks of a bounded size out of the stage: with Ray's default (128 MiB) a block of
+    # block_rows files comes out whole, so memory grew with the block size up to that default
+    ds.context.target_max_block_size = int(max_block_mib * 2**20)
     common = {"batch_size": pool.batch_size, "batch_format": "numpy", "num_cpus": pool.cpus_per_actor}
     compute = pool.compute
     if compute == "auto":
@@ -386,9 +390,10 @@ def build_datasets(
     train = _map(train, cfg.pipeline.train, {**base, "clock": clock,
                                              "augment": cfg.augment.enabled and not overfit,
                                              "reshuffle": not overfit, "whole_run": whole_run,
-                                             "records": ray.put(_records_table(train_records))})
+                                             "records": ray.put(_records_table(train_records))},
+                 cfg.pipeline.max_block_mib)
     val = _records_dataset(split.val, cfg, cfg.pipeline.val)
-    val = _map(val, cfg.pipeline.val, base)
+    val = _map(val, cfg.pipeline.val, base, cfg.pipeline.max_block_mib)
     if caches_val(cfg, len(split.val)):
         # validation is deterministic: preprocess it once rather than restart its actors and
         # decode every file again each epoch (for a few hundred images that start-up is most of
@@ -469,7 +474,7 @@ def build_inference_dataset(
     ledger = BadFileLedger.remote(len(records), cfg.data.max_bad_fraction, cfg.data.on_bad_file)
     ds = _records_dataset(records, cfg, cfg.pipeline.val)
     ds = _map(ds, cfg.pipeline.val, {"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger},
-              inference=True)
+              cfg.pipeline.max_block_mib, inference=True)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.train.cpus_per_worker}
     ds = ds.map_batches(
         predictor,
