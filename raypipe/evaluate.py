@@ -202,7 +202,7 @@ def predict(meta: dict, state: dict, data: EvalData, use_gpu: bool | None = None
     the files that could not be read."""
     import ray
 
-    from raypipe.data.pipeline import build_inference_dataset
+    from raypipe.data.pipeline import build_inference_dataset, release
 
     cfg = Config.model_validate(meta["config"])
     if use_gpu is None:
@@ -214,12 +214,14 @@ def predict(meta: dict, state: dict, data: EvalData, use_gpu: bool | None = None
                                          use_gpu=use_gpu)
     try:
         parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        bad = ray.get(ledger.items.remote())
     except Exception as exc:  # Ray wraps the actor's error; a bad-file verdict is the user's to fix
         cause = _bad_file_cause(exc)
         if cause is None:
             raise
         raise cause from exc
-    bad = ray.get(ledger.items.remote())
+    finally:
+        release(ledger)
     k = meta["model"]["num_classes"]
     out = {
         "path": np.concatenate([p["path"] for p in parts]) if parts else np.zeros(0, object),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,13 @@ def trained_run(tmp_path_factory, cache_dir) -> tuple:
             "train.ema_decay=0.9", "augment.tta=hflip",
             f"run.storage_path={storage}", "run.name=tiny", "data.cache_dir=" + str(cache_dir),
         ])
+        before = set(_helper_processes())
         _RUN["run"] = (cfg, run_training(cfg))
+        # the run's own data helpers (bad-file ledger, epoch clock) end with it
+        deadline = time.monotonic() + 30
+        while (new := set(_helper_processes()) - before) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        _RUN["helpers_left"] = sorted(new)
     return _RUN["run"]
 
 
@@ -140,6 +147,10 @@ def test_run_writes_curves_and_report(run):
     assert "None: every file was read." in text
 
 
+def _helper_processes() -> list[int]:
+    return _ray_processes("ray::BadFileLedger") + _ray_processes("ray::EpochClock")
+
+
 def _ray_processes(title: str) -> list[int]:
     """This session's cluster's processes titled ``title`` (the cluster's processes descend from
     this one; other clusters on the machine are not looked at)."""
@@ -159,7 +170,6 @@ def _ray_processes(title: str) -> list[int]:
 @pytest.mark.slow
 def test_a_finished_run_leaves_no_controller_or_data_actors_behind(run):
     import signal
-    import time
 
     # TorchTrainer.fit registers a SIGINT handler holding the run's controller; run_training puts
     # the previous handler back, so the controller (and the data actors it holds) goes with the run
@@ -170,3 +180,4 @@ def test_a_finished_run_leaves_no_controller_or_data_actors_behind(run):
             and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes of a finished run still alive: {left}"
+    assert _RUN["helpers_left"] == [], "the run's bad-file ledger / epoch clock outlived it"

@@ -405,6 +405,16 @@ def build_datasets(
     return train, val, ledger, clock
 
 
+def release(*actors: Any) -> None:
+    """End a finished pipeline's helper actors (ledger, clock) now: the task processes that ran
+    its batches keep handles to them in their processor cache, which would keep them alive."""
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # already gone with its cluster
+            pass
+
+
 def uses_one_execution(cfg: Config) -> bool:
     """``pipeline.one_execution`` made concrete (after :func:`resolve_compute`): ``auto`` is on
     where the training stage runs on actors. Measured (README, Performance): with actors it takes

@@ -265,8 +265,8 @@ def check_pretrained(cfg: Config, num_classes: int) -> None:
 def build_trainer(
     cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None,
     callbacks: list | None = None, stop_gate: Any = None,
-) -> tuple[TorchTrainer, Any]:
-    """A ready-to-fit TorchTrainer and the bad-file ledger actor. ``stop_gate`` (a search
+) -> tuple[TorchTrainer, Any, Any]:
+    """A ready-to-fit TorchTrainer, the bad-file ledger and the epoch clock actors. ``stop_gate`` (a search
     scheduler's :class:`~raypipe.tune.stopping.StopGate`) is asked after each epoch but the last
     whether to go on."""
     layout = resolve_layout(cfg, cluster_capacity())
@@ -327,7 +327,7 @@ def build_trainer(
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=pipeline.dataset_config(),
     )
-    return trainer, ledger
+    return trainer, ledger, clock
 
 
 # our own errors, most specific first: when one of them is anywhere in the failure, it is the story
@@ -416,8 +416,20 @@ def run_training(
     log.info("classes %s; counts %s", split.class_names, split.counts())
     _remove(join_uri(run_dir, DIVERGED_FILE))  # a resumed run starts healthy
     remove_unregistered_checkpoints(run_dir)  # left by an earlier run that was killed
-    trainer, ledger = build_trainer(cfg, split, train_records, callbacks, stop_gate)
+    trainer, ledger, clock = build_trainer(cfg, split, train_records, callbacks, stop_gate)
     records = split.train if train_records is None else train_records
+    try:
+        return _fit_and_summarise(cfg, split, records, trainer, ledger, t0)
+    finally:
+        # the data stage's task processes keep a few pipelines' handles to these actors (see
+        # pipeline.process_batch), which would keep them alive after the run
+        pipeline.release(ledger, clock)
+
+
+def _fit_and_summarise(cfg: Config, split: DatasetSplit, records: list[Record],
+                       trainer: TorchTrainer, ledger: Any, t0: float) -> dict:
+    """Fit, then ``summary.json``; a run that does not finish writes what it has and raises."""
+    run_dir = run_dir_of(cfg)
     try:
         result = fit(trainer)
     except (KeyboardInterrupt, SystemExit) as exc:
