@@ -266,9 +266,9 @@ def build_trainer(
     cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None,
     callbacks: list | None = None, stop_gate: Any = None,
 ) -> tuple[TorchTrainer, Any, Any]:
-    """A ready-to-fit TorchTrainer, the bad-file ledger and the epoch clock actors. ``stop_gate`` (a search
-    scheduler's :class:`~raypipe.tune.stopping.StopGate`) is asked after each epoch but the last
-    whether to go on."""
+    """A ready-to-fit TorchTrainer, the bad-file ledger and the epoch clock actors.
+    ``stop_gate`` (a search scheduler's :class:`~raypipe.tune.stopping.StopGate`) is asked after
+    each epoch but the last whether to go on."""
     layout = resolve_layout(cfg, cluster_capacity())
     cfg = pipeline.resolve_compute(cfg, layout.use_gpu)
     records = split.train if train_records is None else train_records
