@@ -161,7 +161,7 @@ def _run_pipeline(folder, cfg: Config, actors: int, batch_size: int, epoch: int,
                      compute=compute)
     ds = _map(ray.data.from_items(rows, override_num_blocks=4), pool,
               {"filesystem": split.filesystem, "cfg": cfg.to_dict(), "ledger": ledger, "clock": clock,
-               "augment": True}, cfg.pipeline.max_block_mib)
+               "augment": True})
     return {int(r["label"]): np.asarray(r["image"]) for r in ds.take_all()}
 
 
@@ -210,7 +210,7 @@ class SlotStage:
         return _map(_slots_dataset(self.n, self.cfg, self.pool, epochs, world), self.pool,
                     {"filesystem": self.split.filesystem, "cfg": self.cfg.to_dict(),
                      "ledger": BadFileLedger.remote(self.n, 0.0, "fail"), "clock": clock,
-                     "augment": True, "records": self.table, **kwargs}, self.cfg.pipeline.max_block_mib)
+                     "augment": True, "records": self.table, **kwargs})
 
     @staticmethod
     def rows(ds, clock, epoch: int) -> list[dict]:

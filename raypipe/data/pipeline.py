@@ -275,11 +275,19 @@ def _records_table(records: list[Record]) -> pa.Table:
                      "key": [r.key for r in records]})
 
 
+def _bounded(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
+    """``ds`` (a file list) with the stages after it handing over blocks of at most
+    ``pipeline.max_block_mib``: with Ray's default (128 MiB) a block of ``block_rows`` files came
+    out of the map stage whole, so memory grew with the block size up to that default."""
+    ds.context.target_max_block_size = int(cfg.pipeline.max_block_mib * 2**20)
+    return ds
+
+
 def _records_dataset(records: list[Record], cfg: Config, pool: ActorPool) -> ray.data.Dataset:
     """The files in their given order (validation, inference), in :func:`block_spans` blocks."""
     table = _records_table(records)
-    return ray.data.from_arrow([table.slice(a, b - a)
-                                for a, b in block_spans(len(records), cfg, pool) or [(0, 0)]])
+    return _bounded(ray.data.from_arrow([table.slice(a, b - a)
+                                         for a, b in block_spans(len(records), cfg, pool) or [(0, 0)]]), cfg)
 
 
 def slot_spans(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
@@ -307,8 +315,9 @@ def _slots_dataset(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
     """Training rows (slots) of :func:`slot_spans`; the processors turn slot ``e * n + i`` into
     file ``epoch_order(n, seed, e)[i]``. So every epoch reads the files in a new order (a full
     shuffle, not just a new block order) while the small first blocks stay first."""
-    return ray.data.from_arrow([pa.table({"slot": np.arange(a, b, dtype=np.int64)})
-                                for a, b in slot_spans(n, cfg, pool, epochs, world) or [(0, 0)]])
+    spans = slot_spans(n, cfg, pool, epochs, world) or [(0, 0)]
+    return _bounded(ray.data.from_arrow([pa.table({"slot": np.arange(a, b, dtype=np.int64)})
+                                         for a, b in spans]), cfg)
 
 
 _PROCESSORS: dict[str, ImageBatchProcessor] = {}
@@ -341,15 +350,11 @@ def resolve_compute(cfg: Config, use_gpu: bool) -> Config:
     return cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update=pools)})
 
 
-def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict, max_block_mib: float,
-         inference: bool = False) -> ray.data.Dataset:
+def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict, inference: bool = False) -> ray.data.Dataset:
     """The file -> model-ready batch stage, on an actor pool or (``pool.compute=tasks``) on
     stateless tasks that reuse Ray's worker processes across epochs (measured trade-off: no
     per-epoch actor start-up, lower steady throughput; see the README's performance section).
     ``auto`` not resolved by :func:`resolve_compute` follows the cluster: actors where it has GPUs."""
-    # blocks of a bounded size out of the stage: with Ray's default (128 MiB) a block of
-    # block_rows files comes out whole, so memory grew with the block size up to that default
-    ds.context.target_max_block_size = int(max_block_mib * 2**20)
     common = {"batch_size": pool.batch_size, "batch_format": "numpy", "num_cpus": pool.cpus_per_actor}
     compute = pool.compute
     if compute == "auto":
@@ -390,10 +395,9 @@ def build_datasets(
     train = _map(train, cfg.pipeline.train, {**base, "clock": clock,
                                              "augment": cfg.augment.enabled and not overfit,
                                              "reshuffle": not overfit, "whole_run": whole_run,
-                                             "records": ray.put(_records_table(train_records))},
-                 cfg.pipeline.max_block_mib)
+                                             "records": ray.put(_records_table(train_records))})
     val = _records_dataset(split.val, cfg, cfg.pipeline.val)
-    val = _map(val, cfg.pipeline.val, base, cfg.pipeline.max_block_mib)
+    val = _map(val, cfg.pipeline.val, base)
     if caches_val(cfg, len(split.val)):
         # validation is deterministic: preprocess it once rather than restart its actors and
         # decode every file again each epoch (for a few hundred images that start-up is most of
@@ -484,7 +488,7 @@ def build_inference_dataset(
     ledger = BadFileLedger.remote(len(records), cfg.data.max_bad_fraction, cfg.data.on_bad_file)
     ds = _records_dataset(records, cfg, cfg.pipeline.val)
     ds = _map(ds, cfg.pipeline.val, {"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger},
-              cfg.pipeline.max_block_mib, inference=True)
+              inference=True)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.train.cpus_per_worker}
     ds = ds.map_batches(
         predictor,
