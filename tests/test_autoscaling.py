@@ -27,7 +27,7 @@ from conftest import ROOT, free_ports, kill_cluster
 
 RAY = str(Path(sys.executable).parent / "ray")
 LOCAL_YAML = ROOT / "cluster" / "local.yaml"
-IDLE_TIMEOUT_MIN = 0.5  # shorter than cluster/local.yaml's, to keep the test short
+IDLE_TIMEOUT_MIN = 0.2  # shorter than cluster/local.yaml's, to keep the test short
 
 
 def _api(url: str, path: str, token: str | None) -> tuple[int, dict | None]:
