@@ -13,6 +13,7 @@ also holds the helpers the other benchmarks share (image folders, configs, recor
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -224,12 +225,31 @@ class FileDataset:
         return {"image": np.ascontiguousarray(x.transpose(2, 0, 1), np.float32), "label": r.label}
 
 
+@functools.cache
+def loader_context():
+    """Where the DataLoader's worker processes come from. This process runs Ray's threads, and a
+    process forked from it can inherit a lock one of them held and wait on it forever (a default,
+    forked DataLoader once hung here for 15 minutes after three epochs). A fork server is a fresh
+    process without them, started once with the per-image modules imported, so its forked workers
+    start as cheaply as plain forks. The server is started here, before any clock runs, as the
+    forking parent was ready before."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "raypipe.data.decode", "raypipe.data.transforms", __name__])
+    warm = ctx.Process(target=int)
+    warm.start()
+    warm.join()
+    return ctx
+
+
 def dataloader_epoch(cfg: Config, split: DatasetSplit, batch_size: int,
                      workers: int) -> tuple[int, float, float]:
     import torch
 
     loader = torch.utils.data.DataLoader(FileDataset(cfg, split), batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, prefetch_factor=2 if workers else None)
+                                         num_workers=workers, prefetch_factor=2 if workers else None,
+                                         multiprocessing_context=loader_context() if workers else None)
     return drain(loader)
 
 
@@ -278,6 +298,7 @@ def run(args) -> dict:
     one_execution = uses_one_execution(cfg)
     pool = cfg.pipeline.train
     split = split_of(cfg, args.images)
+    loader_context()
     ray_times, dl_times = [], []
     if one_execution:  # every epoch in one execution, then as many DataLoader epochs
         ray_times = ray_run(cfg, split, args.batch_size, args.epochs)
