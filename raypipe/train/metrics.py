@@ -44,8 +44,7 @@ def classification_metrics(
         pred = probs.argmax(axis=1)
         per_class = []
         for i, name in enumerate(class_names):
-            y = (labels == i).astype(np.int64)
-            a = roc_auc(y == 1, probs[:, i]) if 0 < y.sum() < len(y) else math.nan
+            a = roc_auc(labels == i, probs[:, i])  # NaN when class i is all or none of the labels
             out[f"auc_{name}"] = a
             per_class.append(a)
         valid = [a for a in per_class if not math.isnan(a)]

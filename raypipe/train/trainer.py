@@ -495,19 +495,16 @@ def fit(trainer: TorchTrainer):
     would live on until the next run. The previous handler is put back, so they go with the run.
     The controller's poll interval (see ``POLL_ENV``) is set for the run, where Ray Train reads it
     (and passes it on to the controller), and taken away after it."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
     user_set = POLL_ENV in os.environ
     if not user_set:
         os.environ[POLL_ENV] = f"{poll_interval_s(trainer.scaling_config.num_workers):g}"
     try:
-        if threading.current_thread() is not threading.main_thread():
-            return trainer.fit()
-        previous = signal.getsignal(signal.SIGINT)
-        try:
-            return trainer.fit()
-        finally:
-            if previous is not None:  # None: a handler not set from Python, cannot be put back
-                signal.signal(signal.SIGINT, previous)
+        return trainer.fit()
     finally:
+        if previous is not None:  # None: not the main thread, or a handler not set from Python
+            signal.signal(signal.SIGINT, previous)
         if not user_set:
             os.environ.pop(POLL_ENV, None)
 
