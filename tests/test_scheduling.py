@@ -13,11 +13,11 @@ import ray
 from raypipe.config import load_config
 from raypipe.data import pipeline
 
-TASK_S = 0.8
+TASK_S = 1.0
 
 
 def _task_starts(prompt: bool, consumer: str) -> list[float]:
-    """Start times of the 4 one-block tasks of a 2-lane task pool, from the first."""
+    """Start times of the 4 one-block tasks of a 2-lane task pool, from the first's."""
 
     def _slow(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # a closure: sent by value
         start = time.time()
@@ -48,12 +48,13 @@ def test_both_lanes_start_together(ray_cluster, consumer: str) -> None:
 
     prompt = _task_starts(True, consumer)
     # both lanes at once, and each next task sent as soon as a lane is free
-    assert prompt[1] < 0.4 * TASK_S, prompt
-    assert prompt[3] < TASK_S + 0.4 * TASK_S, prompt
+    assert prompt[1] < 0.5 * TASK_S, prompt
+    assert prompt[3] < 1.5 * TASK_S, prompt
 
-    # without it, Ray Data runs one task at a time until its resource limits arrive (1 s)
+    # without it, Ray Data runs one task at a time until a task ends or its resource limits,
+    # kept for 1 s from the execution's start, are asked for again
     plain = _task_starts(False, consumer)
-    assert plain[1] > 0.9 * TASK_S, plain
+    assert plain[1] > 0.6 * TASK_S, plain
 
 
 def test_the_ray_internals_it_adjusts_exist(ray_cluster) -> None:
