@@ -43,9 +43,9 @@ TASK_WAIT_S = 0.01
 
 class PromptScheduling(ExecutionCallback):
     """Takes out two fixed waits of Ray Data's (2.60) streaming executor that made a 512-image
-    epoch on 2 CPUs take 1.2-1.3 s instead of 0.9 s (README, Performance: fifteenth session). Registered on
-    every dataset built here (:func:`_bounded`), so it runs in whichever process runs their
-    executions: the driver, or Ray Train's split coordinator.
+    epoch on 2 CPUs take 1.2-1.3 s instead of 0.9 s (README, Performance: fifteenth session).
+    Registered on every dataset built here (:func:`_bounded`), so it runs in whichever process
+    runs their executions: the driver, or Ray Train's split coordinator.
 
     - An execution's CPU limit comes from Ray Data's autoscaling coordinator, whose first answer
       (nothing reserved yet for the new execution) the resource manager keeps for 1 s. With a
