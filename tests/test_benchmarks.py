@@ -44,6 +44,38 @@ def test_linear_fit_recovers_a_line():
     assert linear_fit(x, x + np.sin(x))[2] < 1.0
 
 
+def test_processes_are_told_apart_by_the_titles_ray_gives_them():
+    from raypipe.benchmarks.cpu import role_of
+
+    assert role_of(["ray::IDLE"], "python") == "lane"  # a task worker, between tasks or in one
+    assert role_of(["ray::MapWorker(MapBatches(ImageBatchProcessor))"], "python") == "lane"
+    assert role_of(["ray::EpochClock"], "python") == "system"  # a helper actor
+    assert role_of(["/opt/ray/core/src/ray/raylet/raylet", "--node_ip_address=1"], "raylet") == "system"
+    assert role_of(["python", "-u", "/x/site-packages/ray/dashboard/dashboard.py"], "python") == "system"
+    assert role_of(["python", "-c", "from multiprocessing.forkserver import main"], "python") is None
+    assert role_of(["/home/ray/venv/bin/python", "train.py"], "python") is None  # a user named ray
+
+
+def test_stage_cpu_counts_a_lane_that_exits_inside_the_span(tmp_path):
+    """A process titled as a Ray task worker burns 0.4 CPU-seconds and exits while measured: its
+    CPU counts as the lane's (up to the last sample), and an untitled one's does not."""
+    import subprocess
+    import sys
+
+    from raypipe.benchmarks.cpu import StageCpu
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    with StageCpu(cpus=1, interval=0.02) as stage:
+        lane = subprocess.Popen(["bash", "-c", f'exec -a "ray::IDLE" {sys.executable} -c "$0"', burn])
+        other = subprocess.Popen([sys.executable, "-c", burn])
+        assert lane.wait(30) == 0 and other.wait(30) == 0
+    s = stage.summary()
+    assert 0.3 <= stage.cpu["lane"] < 0.6  # the lane's 0.4 s, not the other's too
+    assert s["lane_busy"] == pytest.approx(stage.cpu["lane"] / stage.wall)
+    assert stage.wall >= 0.4 and s["driver_cores"] >= 0 and s["lane_cpu_wait"] >= 0
+    assert s["lane_idle"] == pytest.approx(max(0.0, 1 - s["lane_busy"] - s["lane_cpu_wait"]))
+
+
 @pytest.mark.slow
 def test_ingest(ray_cluster, tmp_path):
     r = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "3")  # compute: auto
@@ -55,6 +87,11 @@ def test_ingest(ray_cluster, tmp_path):
     assert r["ray_images_per_s"] == pytest.approx(24 / sum(r["ray_epoch_s"]))
     assert r["compute"] == "tasks"  # auto, as training resolves it on a cluster without GPUs
     assert (r["ray_lanes"], r["dataloader_workers"]) == (r["cpus"], r["cpus"])
+    cpu = r["ray_cpu"]  # where the Ray side's CPU went: the lanes' work was seen, the rest adds up
+    assert cpu["lane_busy"] > 0 and cpu["driver_cores"] > 0 and cpu["ray_system_cores"] >= 0
+    assert cpu["lane_cpu_wait"] >= 0  # Linux: the wait for a CPU is read
+    assert cpu["lane_idle"] == pytest.approx(max(0.0, 1 - cpu["lane_busy"] - cpu["lane_cpu_wait"]))
+    assert cpu["wall_s"] >= sum(r["ray_epoch_s"])
     two = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "2", "--lanes-per-cpu", "2",
                "--one-execution", "true")
     assert (two["ray_lanes"], two["ray_images"]) == (2 * two["cpus"], 16)  # 0.5 CPU a lane

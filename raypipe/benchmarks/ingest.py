@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raypipe.benchmarks.cpu import StageCpu
 from raypipe.config import Config, load_config
 from raypipe.data.sources import DatasetSplit, Record, discover
 
@@ -315,15 +316,19 @@ def run(args) -> dict:
     loader_context()
     warm_cluster()
     ray_times, dl_times = [], []
+    stage = StageCpu(pool.max_actors * pool.cpus_per_actor)  # where the Ray side's CPU goes
     if one_execution:  # every epoch in one execution, then as many DataLoader epochs
-        ray_times = ray_run(cfg, split, args.batch_size, args.epochs)
+        with stage:
+            ray_times = ray_run(cfg, split, args.batch_size, args.epochs)
         dl_times = [dataloader_epoch(cfg, split, args.batch_size, args.actors)
                     for _ in range(args.epochs)]
     else:
         built = training_pipeline(cfg, split)  # built once, run once per epoch, as in training
         for epoch in range(args.epochs):  # alternate, so that machine noise hits both alike
-            ray_times.append(ray_epoch(cfg, split, args.batch_size, built, epoch))
+            with stage:
+                ray_times.append(ray_epoch(cfg, split, args.batch_size, built, epoch))
             dl_times.append(dataloader_epoch(cfg, split, args.batch_size, args.actors))
+    cpu = stage.summary()
     # the whole run, every start-up included: what a training run of these epochs gets. (Not the
     # best epoch: one execution hands over blocks of up to pipeline.block_rows rows, so epochs
     # cut by row count borrow rows from each other; only their sum is a fair time)
@@ -344,7 +349,7 @@ def run(args) -> dict:
         "ray_steady_images_per_s": ray_steady, "dataloader_steady_images_per_s": dl_steady,
         "steady_ratio": ray_steady / dl_steady,
         "ray_epoch_s": [t[1] for t in ray_times], "dataloader_epoch_s": [t[1] for t in dl_times],
-        "target_ratio": 1.0,
+        "target_ratio": 1.0, "ray_cpu": cpu,
         "table": [{"pipeline": "ray_data", "images_per_s": ray_ips, "run_s": sum(t[1] for t in ray_times),
                    "first_batch_s": ray_times[0][2], "steady_images_per_s": ray_steady},
                   {"pipeline": "torch_dataloader", "images_per_s": dl_ips,
@@ -352,5 +357,8 @@ def run(args) -> dict:
                    "steady_images_per_s": dl_steady},
                   {"pipeline": "ratio ray/dataloader", "images_per_s": ray_ips / dl_ips,
                    "steady_images_per_s": ray_steady / dl_steady},
-                  {"pipeline": "ratio, first epochs", "images_per_s": cold_ratio}],
+                  {"pipeline": "ratio, first epochs", "images_per_s": cold_ratio},
+                  {"ray_stage_cpus": "busy / waiting for a CPU / idle", "busy": cpu["lane_busy"],
+                   "cpu_wait": cpu["lane_cpu_wait"], "idle": cpu["lane_idle"],
+                   "driver_cores": cpu["driver_cores"], "ray_system_cores": cpu["ray_system_cores"]}],
     }

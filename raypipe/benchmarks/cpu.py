@@ -1,0 +1,140 @@
+"""Where the CPU time of a Ray Data stage goes on this node: the data lanes' own work, the time
+they were ready to run but waited for a CPU, and what this driver and Ray's own processes used.
+
+``ingest`` reports it next to its images/s, so that a ratio below the target says why: on a
+machine whose cores are all given to the data stage, Ray's driver (its streaming executor and
+batch iterator), raylet, GCS and Ray Data's helper actors take CPU from the lanes, where a
+DataLoader's workers have the cores to themselves (README, Performance: sixteenth session).
+
+Processes are this node's only (a multi-node cluster's other nodes are not seen), read from
+``/proc`` through psutil; the wait for a CPU needs Linux's per-thread ``schedstat`` (None
+elsewhere). A sampling thread keeps each process's last reading, so a process that exits inside
+the measured span (an actor pool's workers at the end of an execution) still counts up to its
+last sample.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+# Ray worker processes that run a data stage's work: task workers (idle or running a task) and
+# actor-pool workers (``MapWorker(...)``); the other ``ray::`` processes are helper actors
+LANE_TITLES = ("ray::IDLE", "ray::MapBatches", "ray::MapWorker", "ray::_MapWorker")
+SYSTEM_NAMES = ("raylet", "gcs_server")
+SYSTEM_PATHS = ("/ray/dashboard/", "/ray/_private/", "/ray/autoscaler/")
+
+
+def role_of(cmdline: list[str], name: str) -> str | None:
+    """``lane``, ``system`` (Ray's processes and helper actors) or None (not Ray's), from a
+    process's command line as Ray sets it (its title) and its name."""
+    title = " ".join(cmdline)
+    if title.startswith(LANE_TITLES):
+        return "lane"
+    if title.startswith("ray::") or name in SYSTEM_NAMES or \
+            any(p in title for p in SYSTEM_PATHS):
+        return "system"
+    return None
+
+
+def cpu_wait_s(pid: int) -> float | None:
+    """Seconds the live threads of ``pid`` were runnable but waited for a CPU (Linux)."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / 1e9
+
+
+class StageCpu:
+    """``with StageCpu(cpus):`` accumulates, over one or more spans, the wall time and the CPU
+    seconds of this node's processes by role (see :func:`role_of`; ``driver`` is this process).
+    ``cpus``: the CPUs of the data stage. :meth:`summary` gives fractions of those."""
+
+    def __init__(self, cpus: float, interval: float = 0.5):
+        self.cpus, self.interval = cpus, interval
+        self.wall = 0.0
+        self.cpu = {"lane": 0.0, "driver": 0.0, "system": 0.0}
+        self.lane_wait: float | None = 0.0
+        self._procs: dict[int, tuple[str, psutil.Process]] = {}
+        self._first: dict[int, tuple[float, float | None]] = {}
+        self._last: dict[int, tuple[float, float | None]] = {}
+
+    def _scan(self) -> None:
+        """Classify processes not seen yet (a new one counts from its start)."""
+        for pid in psutil.pids():
+            if pid in self._procs:
+                continue
+            try:
+                p = psutil.Process(pid)
+                role = "driver" if pid == os.getpid() else role_of(p.cmdline(), p.name())
+            except (psutil.Error, OSError):
+                continue
+            if role is not None:
+                self._procs[pid] = (role, p)
+
+    def _read(self, first: bool = False) -> None:
+        for pid, (role, p) in list(self._procs.items()):
+            try:
+                t = p.cpu_times()
+            except (psutil.Error, OSError):
+                continue  # exited: keeps its last reading
+            reading = (t.user + t.system, cpu_wait_s(pid) if role == "lane" else None)
+            if first:
+                self._first[pid] = reading
+            self._last[pid] = reading
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._scan()
+            self._read()
+
+    def __enter__(self) -> StageCpu:
+        self._procs, self._first, self._last = {}, {}, {}
+        self._scan()
+        self._read(first=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="StageCpu")
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall += time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self._scan()
+        self._read()
+        for pid, (role, _) in self._procs.items():
+            if pid not in self._last:
+                continue
+            cpu, wait = self._last[pid]
+            cpu0, wait0 = self._first.get(pid, (0.0, 0.0 if wait is not None else None))
+            self.cpu[role] += max(0.0, cpu - cpu0)
+            if role == "lane":
+                if wait is None or wait0 is None or self.lane_wait is None:
+                    self.lane_wait = None
+                else:
+                    self.lane_wait += max(0.0, wait - wait0)
+
+    def summary(self) -> dict:
+        """Fractions of the stage's CPUs over the measured wall time: ``lane_busy`` (the lanes
+        computing), ``lane_cpu_wait`` (ready, waiting for a CPU), ``lane_idle`` (the rest: no
+        task to run: start-up, gaps between tasks, the end of an epoch); and the cores this
+        driver and Ray's own processes used on average."""
+        span = max(self.wall * self.cpus, 1e-9)
+        busy = self.cpu["lane"] / span
+        wait = None if self.lane_wait is None else self.lane_wait / span
+        return {
+            "lane_busy": busy, "lane_cpu_wait": wait,
+            "lane_idle": max(0.0, 1.0 - busy - (wait or 0.0)),
+            "driver_cores": self.cpu["driver"] / max(self.wall, 1e-9),
+            "ray_system_cores": self.cpu["system"] / max(self.wall, 1e-9),
+            "wall_s": self.wall,
+        }
