@@ -6,7 +6,8 @@ worker processes as the Ray pipeline gets CPUs. The Ray pipeline runs as a train
 every epoch through one execution (``pipeline.one_execution``), or built once and run once per
 epoch. ``ratio`` compares all epochs, every
 start-up included, ``cold_ratio`` the first (where Ray starts its worker processes or actors),
-``steady_ratio`` everything after the first batch. This module
+``steady_ratio`` everything after the first batch; ``ray_cpu`` (:mod:`raypipe.benchmarks.cpu`)
+where the Ray side's CPU went. This module
 also holds the helpers the other benchmarks share (image folders, configs, record lists, draining).
 """
 
