@@ -136,3 +136,5 @@ def test_gpu_runs_tiny_on_cpu(ray_cluster, tmp_path):
     assert r["device"] == "cpu" and r["pipeline_steps"] == 2
     _positive(r, "synthetic_images_per_s", "pipeline_images_per_s")
     assert 0.0 <= r["pipeline_data_wait_frac"] <= 1.0
+    cpu = r["pipeline_ray_cpu"]  # the data stage's CPUs over the loop: its actors were seen working
+    assert cpu["lane_busy"] > 0 and cpu["lane_cpu_wait"] >= 0 and cpu["driver_cores"] > 0

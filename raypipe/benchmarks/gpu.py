@@ -11,6 +11,7 @@ import argparse
 import os
 import time
 
+from raypipe.benchmarks.cpu import StageCpu
 from raypipe.benchmarks.ingest import (
     add_data_arguments,
     bench_config,
@@ -92,24 +93,30 @@ def with_pipeline(args, device) -> dict:
     model, opt, loss_fn = _model(args, device)
     wait = busy = 0.0
     images = steps = 0
-    t_prev = time.perf_counter()
-    for i, batch in enumerate(train.iter_torch_batches(batch_size=args.batch_size,
-                                                        prefetch_batches=args.prefetch, drop_last=True)):
-        t_batch = time.perf_counter()
-        x = batch["image"].to(device, non_blocking=True)
-        if args.channels_last and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        _step(model, opt, loss_fn, x, batch["label"].to(device, non_blocking=True), device, args.amp)
-        t_end = time.perf_counter()
-        if i >= args.warmup:  # the first batches include actor start-up
-            wait += t_batch - t_prev
-            busy += t_end - t_batch
-            images += len(x)
-            steps += 1
-        t_prev = t_end
+    pool = cfg.pipeline.train
+    # where the data stage's CPUs went over the whole loop, start-up included: lanes busy all the
+    # time mean the stage is what the GPU waits for; idle lanes, that it is not
+    with StageCpu(pool.max_actors * pool.cpus_per_actor) as stage:
+        t_prev = time.perf_counter()
+        for i, batch in enumerate(train.iter_torch_batches(
+                batch_size=args.batch_size, prefetch_batches=args.prefetch, drop_last=True)):
+            t_batch = time.perf_counter()
+            x = batch["image"].to(device, non_blocking=True)
+            if args.channels_last and device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            _step(model, opt, loss_fn, x, batch["label"].to(device, non_blocking=True), device,
+                  args.amp)
+            t_end = time.perf_counter()
+            if i >= args.warmup:  # the first batches include actor start-up
+                wait += t_batch - t_prev
+                busy += t_end - t_batch
+                images += len(x)
+                steps += 1
+            t_prev = t_end
     total = max(wait + busy, 1e-9)
     return {"pipeline_images_per_s": images / total, "pipeline_data_wait_frac": wait / total,
-            "pipeline_steps": steps, "data": root, "actors": args.actors}
+            "pipeline_steps": steps, "data": root, "actors": args.actors,
+            "pipeline_ray_cpu": stage.summary()}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,8 +143,11 @@ def run(args) -> dict:
     table = [{"feed": "synthetic on-device", "images_per_s": out["synthetic_images_per_s"]}]
     if not args.skip_pipeline:
         out.update(with_pipeline(args, device))
+        cpu = out["pipeline_ray_cpu"]
         table.append({"feed": "ray data pipeline", "images_per_s": out["pipeline_images_per_s"],
-                      "data_wait_frac": out["pipeline_data_wait_frac"]})
+                      "data_wait_frac": out["pipeline_data_wait_frac"],
+                      "lanes_busy": cpu["lane_busy"], "lanes_cpu_wait": cpu["lane_cpu_wait"],
+                      "lanes_idle": cpu["lane_idle"]})
         out["pipeline_vs_synthetic"] = out["pipeline_images_per_s"] / out["synthetic_images_per_s"]
     out["table"] = table
     return out
