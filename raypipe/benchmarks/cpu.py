@@ -67,7 +67,9 @@ class StageCpu:
         self._last: dict[int, tuple[float, float | None]] = {}
 
     def _scan(self) -> None:
-        """Classify processes not seen yet (a new one counts from its start)."""
+        """Classify processes not classified yet (a new one counts from its start). Those not
+        Ray's are looked at again each time: a Ray worker process takes its ``ray::`` title only
+        after it has started."""
         for pid in psutil.pids():
             if pid in self._procs:
                 continue
@@ -114,14 +116,11 @@ class StageCpu:
         for pid, (role, _) in self._procs.items():
             if pid not in self._last:
                 continue
-            cpu, wait = self._last[pid]
-            cpu0, wait0 = self._first.get(pid, (0.0, 0.0 if wait is not None else None))
+            (cpu, wait), (cpu0, wait0) = self._last[pid], self._first.get(pid, (0.0, 0.0))
             self.cpu[role] += max(0.0, cpu - cpu0)
-            if role == "lane":
-                if wait is None or wait0 is None or self.lane_wait is None:
-                    self.lane_wait = None
-                else:
-                    self.lane_wait += max(0.0, wait - wait0)
+            if role == "lane":  # None once any lane's wait cannot be read
+                self.lane_wait = None if None in (wait, wait0, self.lane_wait) else \
+                    self.lane_wait + max(0.0, wait - wait0)
 
     def summary(self) -> dict:
         """Fractions of the stage's CPUs over the measured wall time: ``lane_busy`` (the lanes

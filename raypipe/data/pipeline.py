@@ -256,7 +256,8 @@ class ImageBatchProcessor:
         training = "slot" in batch
         batch, epochs = self._row_epochs(batch)
         batch = self._files(batch, epochs)
-        images, labels, k = *self._buffers(len(epochs)), 0
+        images, labels = self._buffers(len(epochs))
+        k = 0
         for path, label, key, epoch in zip(batch["path"], batch["label"], batch["key"], epochs,
                                            strict=True):
             try:
@@ -516,8 +517,8 @@ class InferenceBatchProcessor(ImageBatchProcessor):
     ``key`` so that predictions can be traced back to their files."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        (images, labels), k = self._buffers(len(batch["path"])), 0
-        paths, keys = [], []
+        images, labels = self._buffers(len(batch["path"]))
+        k, paths, keys = 0, [], []
         for path, label, key in zip(batch["path"], batch["label"], batch["key"], strict=True):
             try:
                 img = self._load(str(path))
