@@ -53,6 +53,9 @@ def test_processes_are_told_apart_by_the_titles_ray_gives_them():
     assert role_of(["/opt/ray/core/src/ray/raylet/raylet", "--node_ip_address=1"], "raylet") == "system"
     assert role_of(["python", "-u", "/x/site-packages/ray/dashboard/dashboard.py"], "python") == "system"
     assert role_of(["python", "-c", "from multiprocessing.forkserver import main"], "python") is None
+    # a worker process that has not taken its title yet may become a lane: not classified yet
+    assert role_of(["python", "/x/site-packages/ray/_private/workers/default_worker.py",
+                    "--node-ip-address=1"], "python") is None
     assert role_of(["/home/ray/venv/bin/python", "train.py"], "python") is None  # a user named ray
 
 

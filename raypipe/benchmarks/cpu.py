@@ -27,14 +27,19 @@ import psutil
 LANE_TITLES = ("ray::IDLE", "ray::MapBatches", "ray::MapWorker", "ray::_MapWorker")
 SYSTEM_NAMES = ("raylet", "gcs_server")
 SYSTEM_PATHS = ("/ray/dashboard/", "/ray/_private/", "/ray/autoscaler/")
+# a Ray worker process that has not taken its ``ray::`` title yet: lane or helper actor, unknown
+WORKER_SCRIPT = "/ray/_private/workers/default_worker.py"
 
 
 def role_of(cmdline: list[str], name: str) -> str | None:
     """``lane``, ``system`` (Ray's processes and helper actors) or None (not Ray's), from a
-    process's command line as Ray sets it (its title) and its name."""
+    process's command line as Ray sets it (its title) and its name. None also for a Ray worker
+    process caught before it takes its title, so that it is looked at again."""
     title = " ".join(cmdline)
     if title.startswith(LANE_TITLES):
         return "lane"
+    if WORKER_SCRIPT in title:
+        return None
     if title.startswith("ray::") or name in SYSTEM_NAMES or \
             any(p in title for p in SYSTEM_PATHS):
         return "system"
