@@ -140,14 +140,14 @@ class PipelineConfig(_Section):
     prefetch_next_epoch: bool = Field(
         True, description="start the next epoch's training pipeline (actor start-up, first batch) "
         "while the current epoch validates and checkpoints (with one_execution: false)")
-    one_execution: bool | Literal["auto"] = Field(
-        "auto", description="stream every epoch of a run through one Ray Data execution (slots "
-        "epoch * n + i), so that its start-up (about 1 s of zero budget, new actors) and its "
-        "drain are paid once per run, not once per epoch; each worker cuts its stream into "
-        "epochs by row count. auto: where the training stage runs on actors (pipeline.train."
-        "compute, actors on GPUs), whose new pool every epoch is what training waits for. Falls "
-        "back to one execution per epoch where the cluster cannot hold the training and "
-        "validation pools at once (README, Performance)")
+    one_execution: bool = Field(
+        True, description="stream every epoch of a run through one Ray Data execution (slots "
+        "epoch * n + i), so that its start-up (new worker processes or actors, the first "
+        "block) and its drain are paid once per run, not once per epoch; each worker cuts its "
+        "stream into epochs by row count. false: one execution per epoch (with "
+        "prefetch_next_epoch started while the epoch before validates). Falls back to one "
+        "execution per epoch where the cluster cannot hold the training and validation pools "
+        "at once (README, Performance)")
     one_execution_max_rows: int = Field(
         4_000_000, ge=1, description="with one_execution, at most this many rows (epochs x "
         "training files) per execution: a longer run streams through one execution per "

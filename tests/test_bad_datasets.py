@@ -207,13 +207,12 @@ def test_one_execution_only_where_validation_can_run_beside_the_training_stream(
         update={"cache_val_mb": 0.1})}), squeezed, 40)  # 1.9 MiB over 0.1 MiB: streamed
 
 
-def test_one_execution_auto_follows_the_training_stage() -> None:
-    from raypipe.data.pipeline import resolve_compute, uses_one_execution
+def test_one_execution_is_the_default_for_tasks_and_actors() -> None:
+    from raypipe.data.pipeline import resolve_compute
 
-    assert not uses_one_execution(resolve_compute(_cfg(), use_gpu=False))  # tasks on CPUs
-    assert uses_one_execution(resolve_compute(_cfg(), use_gpu=True))  # actors on GPUs
-    assert uses_one_execution(_cfg("pipeline.one_execution=true"))
-    assert not uses_one_execution(_cfg("pipeline.one_execution=false", "pipeline.train.compute=actors"))
+    for gpu in (False, True):  # tasks on CPUs, actors on GPUs: one stream for the run either way
+        assert resolve_compute(_cfg(), use_gpu=gpu).pipeline.one_execution is True
+    assert _cfg("pipeline.one_execution=false").pipeline.one_execution is False
 
 
 # ---------------------------------------------------------------- through the job

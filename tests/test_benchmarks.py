@@ -82,7 +82,7 @@ def test_stage_cpu_counts_a_lane_that_exits_inside_the_span(tmp_path):
 @pytest.mark.slow
 def test_ingest(ray_cluster, tmp_path):
     r = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "3")  # compute: auto
-    assert not r["one_execution"]  # one execution per epoch, as training runs tasks
+    assert r["one_execution"]  # one stream for every epoch, as training runs it
     assert r["ray_images"] == r["dataloader_images"] == 24  # every image of every epoch
     assert len(r["ray_epoch_s"]) == len(r["dataloader_epoch_s"]) == 3
     _positive(r, "ray_images_per_s", "dataloader_images_per_s", "ratio", "cold_ratio", "steady_ratio")
@@ -96,9 +96,9 @@ def test_ingest(ray_cluster, tmp_path):
     assert cpu["lane_idle"] == pytest.approx(max(0.0, 1 - cpu["lane_busy"] - cpu["lane_cpu_wait"]))
     assert cpu["wall_s"] >= sum(r["ray_epoch_s"])
     two = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "2", "--lanes-per-cpu", "2",
-               "--one-execution", "true")
+               "--one-execution", "false")
     assert (two["ray_lanes"], two["ray_images"]) == (2 * two["cpus"], 16)  # 0.5 CPU a lane
-    assert two["one_execution"] and len(two["ray_epoch_s"]) == 2  # one stream, cut in two
+    assert not two["one_execution"] and len(two["ray_epoch_s"]) == 2  # one execution per epoch
 
 
 @pytest.mark.slow

@@ -3,12 +3,11 @@
 Both read the same files and apply the identical per-image work (read -> decode -> preprocess ->
 augment) into batches of the same size, drained by a no-op consumer; the DataLoader gets as many
 worker processes as the Ray pipeline gets CPUs. The Ray pipeline runs as a training run runs it:
-every epoch through one execution (``pipeline.one_execution``), or built once and run once per
-epoch. ``ratio`` compares all epochs, every
-start-up included, ``cold_ratio`` the first (where Ray starts its worker processes or actors),
-``steady_ratio`` everything after the first batch; ``ray_cpu`` (:mod:`raypipe.benchmarks.cpu`)
-where the Ray side's CPU went. This module
-also holds the helpers the other benchmarks share (image folders, configs, record lists, draining).
+every epoch through one execution (``pipeline.one_execution``, the default), or built once and
+run once per epoch. ``ratio`` compares all epochs, every start-up included, ``cold_ratio`` the
+first (where Ray starts its worker processes or actors), ``steady_ratio`` everything after the
+first batch; ``ray_cpu`` (:mod:`raypipe.benchmarks.cpu`) where the Ray side's CPU went. This
+module also holds the helpers the other benchmarks share (image folders, configs, record lists, draining).
 """
 
 from __future__ import annotations
@@ -283,10 +282,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "scheduling gaps on epochs of thousands of images and cost on small ones "
                         "(README, Performance). The DataLoader keeps one worker per CPU, its "
                         "fastest setting here")
-    p.add_argument("--one-execution", choices=["auto", "true", "false"], default="auto",
-                   help="pipeline.one_execution: every epoch through one Ray Data execution, or "
-                        "one execution per epoch; auto: as training decides (one execution with "
-                        "actors, one per epoch with tasks)")
+    p.add_argument("--one-execution", choices=["true", "false"], default="true",
+                   help="pipeline.one_execution: every epoch through one Ray Data execution, as "
+                        "training runs it (true, the default), or one execution per epoch")
 
 
 def rate(times: list[tuple[int, float, float]]) -> float:
@@ -303,7 +301,7 @@ def steady_rate(times: list[tuple[int, float, float]], batch_size: int) -> float
 def run(args) -> dict:
     import ray
 
-    from raypipe.data.pipeline import resolve_compute, uses_one_execution
+    from raypipe.data.pipeline import resolve_compute
 
     ensure_ray(args)
     root = data_root(args)
@@ -311,7 +309,7 @@ def run(args) -> dict:
     extra = [f"pipeline.one_execution={args.one_execution}"]
     cfg = resolve_compute(bench_config(args, root, extra),
                           use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
-    one_execution = uses_one_execution(cfg)
+    one_execution = cfg.pipeline.one_execution
     pool = cfg.pipeline.train
     split = split_of(cfg, args.images)
     loader_context()

@@ -484,16 +484,6 @@ def release(*actors: Any) -> None:
             pass
 
 
-def uses_one_execution(cfg: Config) -> bool:
-    """``pipeline.one_execution`` made concrete (after :func:`resolve_compute`): ``auto`` is on
-    where the training stage runs on actors. Measured (README, Performance): with actors it takes
-    the data wait after the first epoch from about 11 % to 0.05 %; with tasks, training time is
-    unchanged and the next epoch is already started during validation."""
-    if isinstance(cfg.pipeline.one_execution, bool):
-        return cfg.pipeline.one_execution
-    return cfg.pipeline.train.compute == "actors"
-
-
 def epochs_per_execution(cfg: Config, n: int) -> int:
     """Epochs of ``n`` training files that one execution streams with ``pipeline.one_execution``:
     the whole run, up to ``pipeline.one_execution_max_rows`` rows."""

@@ -276,7 +276,7 @@ def build_trainer(
     # one stream for the whole run runs on while each epoch validates: where that would starve
     # the validation pool, one execution per epoch, started after validation
     overlap = overlaps_validation(cfg, layout, len(split.val))
-    wanted = pipeline.uses_one_execution(cfg)
+    wanted = cfg.pipeline.one_execution
     whole_run = wanted and overlap
     if wanted and not whole_run:
         log.info("pipeline.one_execution: one execution per epoch instead, since the cluster "
