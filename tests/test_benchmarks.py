@@ -116,9 +116,11 @@ def test_memory(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_scaling(ray_cluster, tmp_path):
-    r = _run(tmp_path, "scaling", *TINY, "--images", "4", "--multiples", "1", "2", "4")
+    r = _run(tmp_path, "scaling", *TINY, "--images", "4", "--multiples", "1", "2", "4", "--repeats", "2")
     assert [p["images"] for p in r["points"]] == [4, 8, 16]
+    assert all(len(p["epochs_s"]) == 2 and p["epoch_s"] == min(p["epochs_s"]) for p in r["points"])
     assert r["r2"] <= 1.0 and isinstance(r["slope_s_per_image"], float)
+    assert r["compute"] == "tasks"  # auto, as training resolves it on a cluster without GPUs
 
 
 @pytest.mark.slow
