@@ -79,6 +79,29 @@ def test_stage_cpu_counts_a_lane_that_exits_inside_the_span(tmp_path):
     assert s["lane_idle"] == pytest.approx(max(0.0, 1 - s["lane_busy"] - s["lane_cpu_wait"]))
 
 
+def test_stage_cpu_counts_a_lane_worker_that_becomes_an_actor_as_rays_own():
+    """Ray may start a helper actor in an idle pooled worker: a process titled ``ray::IDLE`` when
+    the span starts (so taken for a lane) retitles itself as an actor, as Ray does, and burns
+    0.4 CPU-seconds: they count as Ray's own, not the lane's."""
+    import subprocess
+    import sys
+
+    from raypipe.benchmarks.cpu import StageCpu, became_actor
+
+    assert became_actor(["ray::BadFileLedger", "", ""]) and became_actor(["ray::_StatsActor.update"])
+    assert not became_actor(["ray::IDLE", ""]) and not became_actor(["ray::MapBatches(process_batch)"])
+    assert not became_actor(["ray::get_table_block_metadata_schema"])  # a task on a pooled worker
+    code = ("import sys, time\nimport ray._raylet as r\nr.setproctitle('ray::IDLE')\n"
+            "print('ready', flush=True)\ntime.sleep(0.3)\nr.setproctitle('ray::BadFileLedger')\n"
+            "t = time.process_time()\nwhile time.process_time() - t < 0.4: pass")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"  # titled, its start-up done
+    with StageCpu(cpus=1, interval=0.02) as stage:
+        assert proc.wait(30) == 0
+    assert stage.cpu["lane"] < 0.15  # idle while a lane
+    assert stage.cpu["system"] >= 0.3  # the actor's burn
+
+
 @pytest.mark.slow
 def test_ingest(ray_cluster, tmp_path):
     r = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "3")  # compute: auto

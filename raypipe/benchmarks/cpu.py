@@ -10,12 +10,15 @@ Processes are this node's only (a multi-node cluster's other nodes are not seen)
 ``/proc`` through psutil; the wait for a CPU needs Linux's per-thread ``schedstat`` (None
 elsewhere). A sampling thread keeps each process's last reading, so a process that exits inside
 the measured span (an actor pool's workers at the end of an execution) still counts up to its
-last sample.
+last sample, and looks at the titles again: a worker taken for a lane that Ray then gives a
+helper actor (the run's bad-file ledger or epoch clock, created inside the span) counts as Ray's
+own from that sample on.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -29,6 +32,9 @@ SYSTEM_NAMES = ("raylet", "gcs_server")
 SYSTEM_PATHS = ("/ray/dashboard/", "/ray/_private/", "/ray/autoscaler/")
 # a Ray worker process that has not taken its ``ray::`` title yet: lane or helper actor, unknown
 WORKER_SCRIPT = "/ray/_private/workers/default_worker.py"
+# an actor's title: its class (CamelCase by convention), alone or with the method it runs. Ray may
+# start an actor in an idle pooled worker (``ray::IDLE``, taken for a lane until then)
+ACTOR_TITLE = re.compile(r"ray::_?[A-Z]\w*(\.\w+)?$")
 
 
 def role_of(cmdline: list[str], name: str) -> str | None:
@@ -44,6 +50,12 @@ def role_of(cmdline: list[str], name: str) -> str | None:
             any(p in title for p in SYSTEM_PATHS):
         return "system"
     return None
+
+
+def became_actor(cmdline: list[str]) -> bool:
+    """Whether a process taken for a lane now runs a helper actor (its title names a class)."""
+    title = " ".join(cmdline).strip()  # a title Ray sets pads the command line with empty args
+    return not title.startswith(LANE_TITLES) and ACTOR_TITLE.match(title) is not None
 
 
 def cpu_wait_s(pid: int) -> float | None:
@@ -89,6 +101,11 @@ class StageCpu:
     def _read(self, first: bool = False) -> None:
         for pid, (role, p) in list(self._procs.items()):
             try:
+                if role == "lane" and pid in self._last and not first and became_actor(p.cmdline()):
+                    # its lane time ends at the last sample; from there it counts as Ray's own
+                    self._close(pid)
+                    self._procs[pid] = (role := "system", p)
+                    self._first[pid] = (self._last[pid][0], None)
                 t = p.cpu_times()
             except (psutil.Error, OSError):
                 continue  # exited: keeps its last reading
@@ -96,6 +113,18 @@ class StageCpu:
             if first:
                 self._first[pid] = reading
             self._last[pid] = reading
+
+    def _close(self, pid: int) -> None:
+        """Add ``pid``'s CPU (and a lane's wait) from its first to its last reading to its
+        role's totals."""
+        if pid not in self._last:
+            return
+        role = self._procs[pid][0]
+        (cpu, wait), (cpu0, wait0) = self._last[pid], self._first.get(pid, (0.0, 0.0))
+        self.cpu[role] += max(0.0, cpu - cpu0)
+        if role == "lane":  # None once any lane's wait cannot be read
+            self.lane_wait = None if None in (wait, wait0, self.lane_wait) else \
+                self.lane_wait + max(0.0, wait - wait0)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -118,14 +147,8 @@ class StageCpu:
         self._thread.join()
         self._scan()
         self._read()
-        for pid, (role, _) in self._procs.items():
-            if pid not in self._last:
-                continue
-            (cpu, wait), (cpu0, wait0) = self._last[pid], self._first.get(pid, (0.0, 0.0))
-            self.cpu[role] += max(0.0, cpu - cpu0)
-            if role == "lane":  # None once any lane's wait cannot be read
-                self.lane_wait = None if None in (wait, wait0, self.lane_wait) else \
-                    self.lane_wait + max(0.0, wait - wait0)
+        for pid in self._procs:
+            self._close(pid)
 
     def summary(self) -> dict:
         """Fractions of the stage's CPUs over the measured wall time: ``lane_busy`` (the lanes
