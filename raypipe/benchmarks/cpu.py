@@ -104,7 +104,8 @@ class StageCpu:
                 if role == "lane" and pid in self._last and not first and became_actor(p.cmdline()):
                     # its lane time ends at the last sample; from there it counts as Ray's own
                     self._close(pid)
-                    self._procs[pid] = (role := "system", p)
+                    role = "system"
+                    self._procs[pid] = (role, p)
                     self._first[pid] = (self._last[pid][0], None)
                 t = p.cpu_times()
             except (psutil.Error, OSError):

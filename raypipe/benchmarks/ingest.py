@@ -110,6 +110,17 @@ def bench_config(args, root: str, extra: list[str] = ()) -> Config:
     ])
 
 
+def training_config(args, root: str, extra: list[str] = ()) -> Config:
+    """:func:`bench_config` with ``--compute auto`` made what a training run on this cluster
+    resolves it to (tasks without GPUs, actors with)."""
+    import ray
+
+    from raypipe.data.pipeline import resolve_compute
+
+    return resolve_compute(bench_config(args, root, extra),
+                           use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+
+
 def cycled(records: list[Record], n: int) -> list[Record]:
     """``n`` records cycling through ``records`` with the classes interleaved (any prefix holds
     every class), each with its own key (so its own augmentation draw)."""
@@ -299,16 +310,9 @@ def steady_rate(times: list[tuple[int, float, float]], batch_size: int) -> float
 
 
 def run(args) -> dict:
-    import ray
-
-    from raypipe.data.pipeline import resolve_compute
-
     ensure_ray(args)
     root = data_root(args)
-    # --compute auto becomes what a training run on this cluster resolves it to
-    extra = [f"pipeline.one_execution={args.one_execution}"]
-    cfg = resolve_compute(bench_config(args, root, extra),
-                          use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    cfg = training_config(args, root, [f"pipeline.one_execution={args.one_execution}"])
     one_execution = cfg.pipeline.one_execution
     pool = cfg.pipeline.train
     split = split_of(cfg, args.images)

@@ -14,11 +14,11 @@ import numpy as np
 
 from raypipe.benchmarks.ingest import (
     add_data_arguments,
-    bench_config,
     data_root,
     ensure_ray,
     ray_epoch,
     split_of,
+    training_config,
     warm_cluster,
 )
 
@@ -41,14 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    import ray
-
-    from raypipe.data.pipeline import resolve_compute
-
     ensure_ray(args)
-    # --compute auto becomes what a training run on this cluster resolves it to
-    cfg = resolve_compute(bench_config(args, data_root(args)),
-                          use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    cfg = training_config(args, data_root(args))
     splits = [split_of(cfg, m * args.images) for m in args.multiples]
     warm_cluster()
     times: list[list[float]] = [[] for _ in splits]
