@@ -182,6 +182,11 @@ def test_the_slots_of_several_epochs_are_cut_into_blocks_of_one_epoch_each(n, ep
         # later epochs in fewer, bigger blocks: the whole run's rows cut by pipeline.blocks
         big = min(64, -(-m * epochs // 4))
         assert all(b - a <= big for a, b in inside) and len(inside) <= len(first)
+    # and the run ends as it starts, with small blocks: no lane left alone with a big one
+    k = min(pool.max_actors, len(first))
+    ends = [b - a for a, b in spans[-k:]]
+    assert ends == [b - a for a, b in first[:k]][::-1]
+    assert max(ends) <= pool.batch_size
 
 
 @pytest.mark.ray

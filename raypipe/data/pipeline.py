@@ -292,7 +292,7 @@ class ImageBatchProcessor:
 
 
 def block_spans(n: int, cfg: Config, pool: ActorPool, world: int = 1,
-                size: int | None = None) -> list[tuple[int, int]]:
+                largest: int | None = None, ramp: bool = True) -> list[tuple[int, int]]:
     """``[start, end)`` row spans cutting ``n`` rows into blocks of at most
     ``pipeline.block_rows`` (and at least ``pipeline.blocks`` blocks, so that every actor of a big
     pool gets work). The first blocks are small: each of the pool's ``max_actors`` lanes starts
@@ -304,11 +304,11 @@ def block_spans(n: int, cfg: Config, pool: ActorPool, world: int = 1,
     ``world``: the training workers the rows are split between. Blocks come in rounds of
     ``world`` blocks of one size (the last round splits what is left as evenly as it goes), so
     that an equal streaming split, which hands each block to the worker with the fewest rows so
-    far, gives every worker one block of each round and all of them the same rows. ``size``:
-    blocks of that size (none small), instead of the rule above."""
+    far, gives every worker one block of each round and all of them the same rows. ``largest``:
+    blocks of up to that size, instead of the rule above; ``ramp=False``: none small."""
     world = max(1, world)
-    largest = size or max(1, min(cfg.pipeline.block_rows, -(-n // cfg.pipeline.blocks)))
-    size = size or min(pool.batch_size, largest)
+    largest = largest or max(1, min(cfg.pipeline.block_rows, -(-n // cfg.pipeline.blocks)))
+    size = min(pool.batch_size, largest) if ramp else largest
     rounds = -(-pool.max_actors // world)  # of each size: a block for every lane, in whole rounds
     start, spans = 0, []
     while start < n:
@@ -363,7 +363,9 @@ def slot_spans(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
     equal split of one epoch drops them. The first epoch is cut as its own execution would cut
     it (:func:`block_spans`, small blocks first); later ones, which one execution reaches with
     its stream already flowing, into blocks up to the size :func:`block_spans` gives the whole
-    run's rows (fewer blocks: less overhead per row). No block spans two epochs and every
+    run's rows (fewer blocks: less overhead per row), and the last epoch into the same sizes
+    shrinking back to the small ones, so that the lanes finish together. No block spans two
+    epochs and every
     epoch's blocks come in rounds of ``world``, so each worker's equal shard of one execution
     for the run, cut by row count (``EpochStream``), holds in each epoch only that epoch's rows,
     and the workers together all of them. (Blocks of several epochs went whole to one worker,
@@ -371,8 +373,26 @@ def slot_spans(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
     world = max(1, world)
     m = n - n % world
     big = max(1, min(cfg.pipeline.block_rows, -(-m * epochs // cfg.pipeline.blocks)))
-    first, later = block_spans(m, cfg, pool, world), block_spans(m, cfg, pool, world, big)
-    return first + [(e * n + a, e * n + b) for e in range(1, epochs) for a, b in later]
+    first = block_spans(m, cfg, pool, world)
+    if epochs == 1:
+        return first
+    later = block_spans(m, cfg, pool, world, big, ramp=False)
+    # the run's last blocks small again, so that every lane stays busy to the end: with a block
+    # of `big` rows last, the other lanes idled while it ran (README, Performance)
+    last = reversed_spans(block_spans(m, cfg, pool, world, big))
+    return first + [(e * n + a, e * n + b) for e in range(1, epochs)
+                    for a, b in (last if e == epochs - 1 else later)]
+
+
+def reversed_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The same rows cut into the same block sizes in reverse order: big blocks first, small
+    ones last. Rounds of one size stay rounds, so an equal split still gives every worker the
+    same rows."""
+    out, start = [], spans[0][0] if spans else 0
+    for a, b in reversed(spans):
+        out.append((start, start + b - a))
+        start += b - a
+    return out
 
 
 def _slots_dataset(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
