@@ -229,6 +229,33 @@ def test_the_map_stage_emits_blocks_of_at_most_max_block_mib(ray_cluster, tmp_pa
     assert all(size <= 4 * row + row + 64 for _, size in cut), cut
 
 
+@pytest.mark.ray
+def test_each_block_of_the_map_stage_is_one_calls_output_in_one_chunk(ray_cluster, tmp_path):
+    """A block built from several map calls' outputs is several Arrow chunks, which the training
+    side's batcher copied into one before cutting a batch. Calls grow to fill a block instead:
+    with 2-file calls and 5-image blocks, calls of up to 6 files, each its own one-chunk block."""
+    import ray
+
+    from raypipe.data.pipeline import build_datasets, call_rows
+
+    root = make_image_folder(tmp_path / "imgs", {"cats": 12, "dogs": 12})
+    row = 16 * 16 * 4  # one grayscale 16x16 float32 image
+    cfg = load_config(None, [f"data.root={root}", "data.val_fraction=0.25", "preprocess.image_size=16",
+                             "pipeline.blocks=1", f"pipeline.max_block_mib={5 * row / 2**20}",
+                             "pipeline.train.batch_size=2", "pipeline.train.compute=tasks"])
+    assert call_rows(cfg, cfg.pipeline.train) == 6
+    train, _, _, _ = build_datasets(cfg, discover(cfg.data))
+    blocks = [ray.get(ref) for bundle in train.materialize().iter_internal_ref_bundles()
+              for ref in bundle.block_refs]
+    # 18 training files in input blocks of 2, 2, 4, 4 and 6 (block_spans): 2-file calls made
+    # the blocks of 4 and 6 files two and three chunks
+    assert sum(b.num_rows for b in blocks) == 18 and max(b.num_rows for b in blocks) == 6
+    assert {b.column("image").num_chunks for b in blocks} == {1}
+    # a pool's batch_size above that is kept
+    assert call_rows(cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(
+        update={"max_block_mib": 1e-6})}), cfg.pipeline.train) == 2
+
+
 def test_epoch_order_is_a_new_permutation_each_epoch_and_reproducible():
     from raypipe.data.pipeline import epoch_order
 

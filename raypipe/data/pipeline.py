@@ -365,11 +365,10 @@ def slot_spans(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
     its stream already flowing, into blocks up to the size :func:`block_spans` gives the whole
     run's rows (fewer blocks: less overhead per row), and the last epoch into the same sizes
     shrinking back to the small ones, so that the lanes finish together. No block spans two
-    epochs and every
-    epoch's blocks come in rounds of ``world``, so each worker's equal shard of one execution
-    for the run, cut by row count (``EpochStream``), holds in each epoch only that epoch's rows,
-    and the workers together all of them. (Blocks of several epochs went whole to one worker,
-    which then trained on epochs the others reached only later.)"""
+    epochs and every epoch's blocks come in rounds of ``world``, so each worker's equal shard
+    of one execution for the run, cut by row count (``EpochStream``), holds in each epoch only
+    that epoch's rows, and the workers together all of them. (Blocks of several epochs went
+    whole to one worker, which then trained on epochs the others reached only later.)"""
     world = max(1, world)
     m = n - n % world
     big = max(1, min(cfg.pipeline.block_rows, -(-m * epochs // cfg.pipeline.blocks)))
@@ -435,12 +434,26 @@ def resolve_compute(cfg: Config, use_gpu: bool) -> Config:
     return cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update=pools)})
 
 
-def _map(ds: ray.data.Dataset, pool: ActorPool, kwargs: dict, inference: bool = False) -> ray.data.Dataset:
+def call_rows(cfg: Config, pool: ActorPool) -> int:
+    """Files per ``map_batches`` call: ``pool.batch_size``, or more, so that one call's output
+    (preprocessed float32 images) just passes ``pipeline.max_block_mib`` and leaves the stage as
+    a block of its own. A block made of several calls' outputs is several chunks, and a consumer
+    taking batches from it copied the whole block into one first (Ray Data's batcher): over a
+    quarter of the driver's CPU in a 2-CPU run (README, Performance: eighteenth session)."""
+    p = cfg.preprocess
+    image = p.channels * p.image_size ** 2 * 4
+    return max(pool.batch_size, int(cfg.pipeline.max_block_mib * 2**20) // image + 1)
+
+
+def _map(ds: ray.data.Dataset, cfg: Config, pool: ActorPool, kwargs: dict,
+         inference: bool = False) -> ray.data.Dataset:
     """The file -> model-ready batch stage, on an actor pool or (``pool.compute=tasks``) on
     stateless tasks that reuse Ray's worker processes across epochs (measured trade-off: no
     per-epoch actor start-up, lower steady throughput; see the README's performance section).
-    ``auto`` not resolved by :func:`resolve_compute` follows the cluster: actors where it has GPUs."""
-    common = {"batch_size": pool.batch_size, "batch_format": "numpy", "num_cpus": pool.cpus_per_actor}
+    ``auto`` not resolved by :func:`resolve_compute` follows the cluster: actors where it has GPUs.
+    Calls of :func:`call_rows` files."""
+    common = {"batch_size": call_rows(cfg, pool), "batch_format": "numpy",
+              "num_cpus": pool.cpus_per_actor}
     compute = pool.compute
     if compute == "auto":
         compute = "actors" if ray.cluster_resources().get("GPU", 0) > 0 else "tasks"
@@ -477,12 +490,12 @@ def build_datasets(
     train = _slots_dataset(len(train_records), cfg, cfg.pipeline.train,
                            epochs_per_execution(cfg, len(train_records)) if whole_run else 1,
                            cfg.train.num_workers if world is None else world)
-    train = _map(train, cfg.pipeline.train, {**base, "clock": clock,
-                                             "augment": cfg.augment.enabled and not overfit,
-                                             "reshuffle": not overfit, "whole_run": whole_run,
-                                             "records": ray.put(_records_table(train_records))})
+    train = _map(train, cfg, cfg.pipeline.train, {**base, "clock": clock,
+                                                  "augment": cfg.augment.enabled and not overfit,
+                                                  "reshuffle": not overfit, "whole_run": whole_run,
+                                                  "records": ray.put(_records_table(train_records))})
     val = _records_dataset(split.val, cfg, cfg.pipeline.val)
-    val = _map(val, cfg.pipeline.val, base)
+    val = _map(val, cfg, cfg.pipeline.val, base)
     if caches_val(cfg, len(split.val)):
         # validation is deterministic: preprocess it once rather than restart its actors and
         # decode every file again each epoch (for a few hundred images that start-up is most of
@@ -559,8 +572,8 @@ def build_inference_dataset(
     batches and returns the output rows. Labels of unlabeled files are -1."""
     ledger = BadFileLedger.remote(len(records), cfg.data.max_bad_fraction, cfg.data.on_bad_file)
     ds = _records_dataset(records, cfg, cfg.pipeline.val)
-    ds = _map(ds, cfg.pipeline.val, {"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger},
-              inference=True)
+    ds = _map(ds, cfg, cfg.pipeline.val,
+              {"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger}, inference=True)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.train.cpus_per_worker}
     ds = ds.map_batches(
         predictor,
