@@ -217,7 +217,7 @@ def test_the_map_stage_emits_blocks_of_at_most_max_block_mib(ray_cluster, tmp_pa
     def blocks(max_block_mib: float) -> list[tuple[int, int]]:
         cfg = load_config(None, [f"data.root={root}", "data.val_fraction=0.25",
                                  "preprocess.image_size=16", "pipeline.blocks=1",
-                                 f"pipeline.max_block_mib={max_block_mib}"])
+                                 "train.num_workers=1", f"pipeline.max_block_mib={max_block_mib}"])
         train, _, _, _ = build_datasets(cfg, discover(cfg.data))
         return [(m.num_rows, m.size_bytes) for bundle in train.materialize().iter_internal_ref_bundles()
                 for m in bundle.metadata]
@@ -233,7 +233,7 @@ def test_the_map_stage_emits_blocks_of_at_most_max_block_mib(ray_cluster, tmp_pa
 def test_each_block_of_the_map_stage_is_one_calls_output_in_one_chunk(ray_cluster, tmp_path):
     """A block built from several map calls' outputs is several Arrow chunks, which the training
     side's batcher copied into one before cutting a batch. Calls grow to fill a block instead:
-    with 2-file calls and 5-image blocks, calls of up to 6 files, each its own one-chunk block."""
+    with 2-file calls and 5-image blocks, parts of up to 6 files, each its own one-chunk block."""
     import ray
 
     from raypipe.data.pipeline import build_datasets, call_rows
@@ -242,7 +242,8 @@ def test_each_block_of_the_map_stage_is_one_calls_output_in_one_chunk(ray_cluste
     row = 16 * 16 * 4  # one grayscale 16x16 float32 image
     cfg = load_config(None, [f"data.root={root}", "data.val_fraction=0.25", "preprocess.image_size=16",
                              "pipeline.blocks=1", f"pipeline.max_block_mib={5 * row / 2**20}",
-                             "pipeline.train.batch_size=2", "pipeline.train.compute=tasks"])
+                             "pipeline.train.batch_size=2", "pipeline.train.compute=tasks",
+                             "train.num_workers=1"])
     assert call_rows(cfg, cfg.pipeline.train) == 6
     train, _, _, _ = build_datasets(cfg, discover(cfg.data))
     blocks = [ray.get(ref) for bundle in train.materialize().iter_internal_ref_bundles()

@@ -159,7 +159,9 @@ def _run_pipeline(folder, cfg: Config, actors: int, batch_size: int, epoch: int,
     ray.get(clock.set.remote(epoch))
     pool = ActorPool(min_actors=actors, max_actors=actors, cpus_per_actor=0.5, batch_size=batch_size,
                      compute=compute)
-    ds = _map(ray.data.from_items(rows, override_num_blocks=4), pool,
+    # calls of exactly batch_size files (call_rows grows them to fill a max_block_mib block)
+    tiny = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"max_block_mib": 1e-6})})
+    ds = _map(ray.data.from_items(rows, override_num_blocks=4), tiny, pool,
               {"filesystem": split.filesystem, "cfg": cfg.to_dict(), "ledger": ledger, "clock": clock,
                "augment": True})
     return {int(r["label"]): np.asarray(r["image"]) for r in ds.take_all()}
@@ -207,7 +209,7 @@ class SlotStage:
     def dataset(self, clock, epochs: int = 1, world: int = 1, **kwargs):
         from raypipe.data.pipeline import BadFileLedger, _map, _slots_dataset
 
-        return _map(_slots_dataset(self.n, self.cfg, self.pool, epochs, world), self.pool,
+        return _map(_slots_dataset(self.n, self.cfg, self.pool, epochs, world), self.cfg, self.pool,
                     {"filesystem": self.split.filesystem, "cfg": self.cfg.to_dict(),
                      "ledger": BadFileLedger.remote(self.n, 0.0, "fail"), "clock": clock,
                      "augment": True, "records": self.table, **kwargs})

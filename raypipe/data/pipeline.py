@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -407,18 +408,37 @@ def _slots_dataset(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
 _PROCESSORS: dict[str, ImageBatchProcessor] = {}
 
 
-def process_batch(batch: dict[str, np.ndarray], *, token: str, inference: bool = False,
-                  **kwargs) -> dict[str, np.ndarray]:
-    """Task form of :class:`ImageBatchProcessor` (or :class:`InferenceBatchProcessor`): one
-    processor per pipeline (``token``) is built once per worker process and reused by every
-    later task, epoch after epoch."""
+def in_parts(proc: Any, block: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """``proc``'s output for ``block`` (a whole input block), ``rows`` files at a time: each part
+    leaves the map stage as a block of its own (see :func:`call_rows`)."""
+    n = len(next(iter(block.values()))) if block else 0
+    for start in range(0, n, rows) if n else [0]:
+        yield proc({k: v[start:start + rows] for k, v in block.items()})
+
+
+def process_batch(block: dict[str, np.ndarray], *, token: str, rows: int, inference: bool = False,
+                  **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """Task form of :class:`ImageBatchProcessor` (or :class:`InferenceBatchProcessor`) over a
+    whole block, in parts of ``rows`` files: one processor per pipeline (``token``) is built once
+    per worker process and reused by every later task, epoch after epoch."""
     proc = _PROCESSORS.get(token)
     if proc is None:
         while len(_PROCESSORS) >= 4:  # a worker serves few pipelines at a time; drop the oldest
             _PROCESSORS.pop(next(iter(_PROCESSORS)))
         cls = InferenceBatchProcessor if inference else ImageBatchProcessor
         proc = _PROCESSORS[token] = cls(**kwargs)
-    return proc(batch)
+    yield from in_parts(proc, block, rows)
+
+
+class BlockProcessor:
+    """Actor form of :func:`process_batch`: the pool's actors hold one processor each."""
+
+    def __init__(self, rows: int, inference: bool = False, **kwargs):
+        self.rows = rows
+        self.proc = (InferenceBatchProcessor if inference else ImageBatchProcessor)(**kwargs)
+
+    def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        yield from in_parts(self.proc, block, self.rows)
 
 
 def resolve_compute(cfg: Config, use_gpu: bool) -> Config:
@@ -435,11 +455,14 @@ def resolve_compute(cfg: Config, use_gpu: bool) -> Config:
 
 
 def call_rows(cfg: Config, pool: ActorPool) -> int:
-    """Files per ``map_batches`` call: ``pool.batch_size``, or more, so that one call's output
-    (preprocessed float32 images) just passes ``pipeline.max_block_mib`` and leaves the stage as
-    a block of its own. A block made of several calls' outputs is several chunks, and a consumer
-    taking batches from it copied the whole block into one first (Ray Data's batcher): over a
-    quarter of the driver's CPU in a 2-CPU run (README, Performance: eighteenth session)."""
+    """Files per part of a block that the map stage processes and hands on at once:
+    ``pool.batch_size``, or more, so that one part's output (preprocessed float32 images) just
+    passes ``pipeline.max_block_mib`` and leaves the stage as a block of its own. A block made of
+    several parts is several chunks, and a consumer taking batches from it copied the whole
+    block into one first (Ray Data's batcher): over a quarter of the driver's CPU in a 2-CPU run
+    (README, Performance: eighteenth session). The stage takes whole input blocks and cuts them
+    itself (:func:`in_parts`): ``map_batches(batch_size=k)`` also joins input blocks into bundles
+    of ``k`` rows, which would undo the small first blocks and mix epochs in one block."""
     p = cfg.preprocess
     image = p.channels * p.image_size ** 2 * 4
     return max(pool.batch_size, int(cfg.pipeline.max_block_mib * 2**20) // image + 1)
@@ -451,18 +474,17 @@ def _map(ds: ray.data.Dataset, cfg: Config, pool: ActorPool, kwargs: dict,
     stateless tasks that reuse Ray's worker processes across epochs (measured trade-off: no
     per-epoch actor start-up, lower steady throughput; see the README's performance section).
     ``auto`` not resolved by :func:`resolve_compute` follows the cluster: actors where it has GPUs.
-    Calls of :func:`call_rows` files."""
-    common = {"batch_size": call_rows(cfg, pool), "batch_format": "numpy",
-              "num_cpus": pool.cpus_per_actor}
+    Each call takes one whole input block and yields it in parts of :func:`call_rows` files."""
+    common = {"batch_size": None, "batch_format": "numpy", "num_cpus": pool.cpus_per_actor}
+    kwargs = {**kwargs, "rows": call_rows(cfg, pool), "inference": inference}
     compute = pool.compute
     if compute == "auto":
         compute = "actors" if ray.cluster_resources().get("GPU", 0) > 0 else "tasks"
     if compute == "tasks":
-        return ds.map_batches(process_batch, fn_kwargs={"token": uuid.uuid4().hex, "inference": inference,
-                                                        **kwargs},
+        return ds.map_batches(process_batch, fn_kwargs={"token": uuid.uuid4().hex, **kwargs},
                               compute=ray.data.TaskPoolStrategy(size=pool.max_actors), **common)
     return ds.map_batches(
-        InferenceBatchProcessor if inference else ImageBatchProcessor, fn_constructor_kwargs=kwargs,
+        BlockProcessor, fn_constructor_kwargs=kwargs,
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         **common)
 
