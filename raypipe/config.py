@@ -104,9 +104,10 @@ class ActorPool(_Section):
     max_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0.0)
     batch_size: int = Field(
-        32, ge=1, description="files per map_batches call, at least: calls take as many files as "
-        "fill one max_block_mib block, so that each block leaves the stage in one piece "
-        "(README, Performance); and the size of the first, small blocks of the file list")
+        32, ge=1, description="files per part, at least: the stage takes whole blocks of the "
+        "file list and processes them in parts of as many files as fill one max_block_mib "
+        "block, so that each part leaves the stage in one piece (README, Performance); and the "
+        "size of the first, small blocks of the file list")
     compute: Literal["auto", "actors", "tasks"] = Field(
         "auto", description="actors: a pool of long-lived processes per epoch; tasks: stateless "
         "tasks on Ray's reused worker processes (no per-epoch start-up); auto: tasks when "

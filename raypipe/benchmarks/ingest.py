@@ -47,7 +47,7 @@ def add_data_arguments(p: argparse.ArgumentParser, images: int = 512, image_size
                    help="CPUs of the Ray Data stage, one actor or task each (ingest: see "
                         "--lanes-per-cpu); the DataLoader gets as many workers")
     p.add_argument("--ray-data-batch", type=int, default=32,
-                   help="pipeline.train.batch_size: files per map_batches call at least (calls "
+                   help="pipeline.train.batch_size: files per part of a block at least (parts "
                         "grow to fill one output block), and the first blocks' size")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
     p.add_argument("--compute", choices=["auto", "actors", "tasks"], default=compute,
