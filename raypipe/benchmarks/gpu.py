@@ -85,6 +85,8 @@ def with_pipeline(args, device) -> dict:
     """images/s and data-wait fraction when Ray Data feeds the model (after ``warmup`` batches)."""
     import torch
 
+    from raypipe.data.pipeline import torch_batches
+
     ensure_ray(args)
     root = data_root(args)
     cfg = bench_config(args, root)
@@ -98,8 +100,8 @@ def with_pipeline(args, device) -> dict:
     # time mean the stage is what the GPU waits for; idle lanes, that it is not
     with StageCpu(pool.max_actors * pool.cpus_per_actor) as stage:
         t_prev = time.perf_counter()
-        for i, batch in enumerate(train.iter_torch_batches(
-                batch_size=args.batch_size, prefetch_batches=args.prefetch, drop_last=True)):
+        for i, batch in enumerate(torch_batches(
+                train, batch_size=args.batch_size, prefetch_batches=args.prefetch, drop_last=True)):
             t_batch = time.perf_counter()
             x = batch["image"].to(device, non_blocking=True)
             if args.channels_last and device.type == "cuda":

@@ -181,15 +181,15 @@ def ray_run(cfg: Config, split: DatasetSplit, batch_size: int,
     training run with ``pipeline.one_execution`` runs it; per epoch, see :func:`drain_epochs`."""
     import ray
 
-    from raypipe.data.pipeline import epochs_per_execution
+    from raypipe.data.pipeline import epochs_per_execution, torch_batches
 
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
     train, clock = training_pipeline(cfg, split, whole_run=True)
     per_run, out = epochs_per_execution(cfg, len(split.train)), []
     for first in range(0, epochs, per_run):  # one execution, unless over one_execution_max_rows
         ray.get(clock.set.remote(first))
-        out += drain_epochs(train.iter_torch_batches(batch_size=batch_size,
-                                                     prefetch_batches=cfg.pipeline.prefetch_batches),
+        out += drain_epochs(torch_batches(train, batch_size=batch_size,
+                                          prefetch_batches=cfg.pipeline.prefetch_batches),
                             len(split.train), min(per_run, epochs - first))
     return out
 
@@ -201,10 +201,12 @@ def ray_epoch(cfg: Config, split: DatasetSplit, batch_size: int, built=None,
     per epoch), else a new one."""
     import ray
 
+    from raypipe.data.pipeline import torch_batches
+
     train, clock = built or training_pipeline(cfg, split)
     ray.get(clock.set.remote(epoch))
-    return drain(train.iter_torch_batches(batch_size=batch_size,
-                                          prefetch_batches=cfg.pipeline.prefetch_batches))
+    return drain(torch_batches(train, batch_size=batch_size,
+                               prefetch_batches=cfg.pipeline.prefetch_batches))
 
 
 # ---------------------------------------------------------------- DataLoader baseline

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from raypipe.config import Config
+from raypipe.data.pipeline import torch_batches
 from raypipe.models.resnet import create_model
 from raypipe.report.tensorboard import TensorBoardLogger, epoch_line
 from raypipe.train import loop
@@ -245,8 +246,8 @@ def train_func(config: dict) -> None:
         # no local shuffle buffer: each epoch's slots are already a full permutation of the
         # files (epoch_order), and with one execution for several epochs a buffer would carry
         # rows of one epoch into the next one's cut
-        return train_shard.iter_torch_batches(
-            batch_size=per_worker_batch, prefetch_batches=cfg.pipeline.prefetch_batches)
+        return torch_batches(train_shard, batch_size=per_worker_batch,
+                             prefetch_batches=cfg.pipeline.prefetch_batches)
 
     def epoch_rows() -> int:
         # the same on every worker (rank 0's count of unreadable training files), so that every
@@ -299,8 +300,8 @@ def train_func(config: dict) -> None:
                 upcoming = start_next_epoch(epoch + 1)
             labels, logits = loop.predict(
                 ema.module if ema is not None else loop.unwrap(model),
-                val_shard.iter_torch_batches(batch_size=per_worker_batch,
-                                             prefetch_batches=cfg.pipeline.prefetch_batches),
+                torch_batches(val_shard, batch_size=per_worker_batch,
+                              prefetch_batches=cfg.pipeline.prefetch_batches),
                 device, amp=t.amp, channels_last=t.channels_last, tta=cfg.augment.tta,
             )
             labels, logits = gather_predictions(labels, logits)
