@@ -104,13 +104,17 @@ def test_stage_cpu_counts_a_lane_worker_that_becomes_an_actor_as_rays_own():
 
 @pytest.mark.slow
 def test_ingest(ray_cluster, tmp_path):
-    r = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "3")  # compute: auto
+    r = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "3", "--rounds", "2")  # compute: auto
     assert r["one_execution"]  # one stream for every epoch, as training runs it
-    assert r["ray_images"] == r["dataloader_images"] == 24  # every image of every epoch
-    assert len(r["ray_epoch_s"]) == len(r["dataloader_epoch_s"]) == 3
+    assert r["ray_images"] == r["dataloader_images"] == 48  # every image of every epoch, both rounds
+    assert len(r["ray_epoch_s"]) == len(r["dataloader_epoch_s"]) == 6
     _positive(r, "ray_images_per_s", "dataloader_images_per_s", "ratio", "cold_ratio", "steady_ratio")
     assert r["ratio"] == pytest.approx(r["ray_images_per_s"] / r["dataloader_images_per_s"])
-    assert r["ray_images_per_s"] == pytest.approx(24 / sum(r["ray_epoch_s"]))
+    assert r["ray_images_per_s"] == pytest.approx(48 / sum(r["ray_epoch_s"]))
+    # each round its own ratio, the pooled one between the least and the most
+    assert len(r["round_ratios"]) == len(r["ray_first_batch_s"]) == 2
+    assert min(r["round_ratios"]) <= r["ratio"] <= max(r["round_ratios"])
+    assert r["median_round_ratio"] == pytest.approx(sum(r["round_ratios"]) / 2)
     assert r["compute"] == "tasks"  # auto, as training resolves it on a cluster without GPUs
     assert (r["ray_lanes"], r["dataloader_workers"]) == (r["cpus"], r["cpus"])
     cpu = r["ray_cpu"]  # where the Ray side's CPU went: the lanes' work was seen, the rest adds up
@@ -119,9 +123,10 @@ def test_ingest(ray_cluster, tmp_path):
     assert cpu["lane_idle"] == pytest.approx(max(0.0, 1 - cpu["lane_busy"] - cpu["lane_cpu_wait"]))
     assert cpu["wall_s"] >= sum(r["ray_epoch_s"])
     two = _run(tmp_path, "ingest", *TINY, "--images", "8", "--epochs", "2", "--lanes-per-cpu", "2",
-               "--one-execution", "false")
+               "--one-execution", "false", "--rounds", "1")
     assert (two["ray_lanes"], two["ray_images"]) == (2 * two["cpus"], 16)  # 0.5 CPU a lane
     assert not two["one_execution"] and len(two["ray_epoch_s"]) == 2  # one execution per epoch
+    assert two["round_ratios"] == [pytest.approx(two["ratio"])]
 
 
 @pytest.mark.slow
@@ -166,3 +171,10 @@ def test_gpu_runs_tiny_on_cpu(ray_cluster, tmp_path):
     assert 0.0 <= r["pipeline_data_wait_frac"] <= 1.0
     cpu = r["pipeline_ray_cpu"]  # the data stage's CPUs over the loop: its actors were seen working
     assert cpu["lane_busy"] > 0 and cpu["lane_cpu_wait"] >= 0 and cpu["driver_cores"] > 0
+
+
+def test_ingest_rounds_must_be_at_least_one(capsys):
+    with pytest.raises(SystemExit):
+        _job().main(["ingest", "--rounds", "0"])
+    err = capsys.readouterr().err
+    assert "--rounds" in err and "'0': expected a whole number of at least 1" in err

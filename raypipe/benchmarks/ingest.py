@@ -4,10 +4,12 @@ Both read the same files and apply the identical per-image work (read -> decode 
 augment) into batches of the same size, drained by a no-op consumer; the DataLoader gets as many
 worker processes as the Ray pipeline gets CPUs. The Ray pipeline runs as a training run runs it:
 every epoch through one execution (``pipeline.one_execution``, the default), or built once and
-run once per epoch. ``ratio`` compares all epochs, every start-up included, ``cold_ratio`` the
-first (where Ray starts its worker processes or actors), ``steady_ratio`` everything after the
-first batch; ``ray_cpu`` (:mod:`raypipe.benchmarks.cpu`) where the Ray side's CPU went. This
-module also holds the helpers the other benchmarks share (image folders, configs, record lists, draining).
+run once per epoch. Both run ``--rounds`` times, alternating which goes first. ``ratio``
+compares all rounds' epochs, every start-up included (``round_ratios``: each round's),
+``cold_ratio`` the first epochs (where Ray starts its worker processes or actors),
+``steady_ratio`` everything after each round's first batch; ``ray_cpu``
+(:mod:`raypipe.benchmarks.cpu`) where the Ray side's CPU went. This module also holds the
+helpers the other benchmarks share (image folders, configs, record lists, draining).
 """
 
 from __future__ import annotations
@@ -286,6 +288,17 @@ def dataloader_epoch(cfg: Config, split: DatasetSplit, batch_size: int,
 # ---------------------------------------------------------------- the benchmark
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p, compute="auto")
     p.add_argument("--epochs", type=int, default=8,
@@ -300,6 +313,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--one-execution", choices=["true", "false"], default="true",
                    help="pipeline.one_execution: every epoch through one Ray Data execution, as "
                         "training runs it (true, the default), or one execution per epoch")
+    p.add_argument("--rounds", type=at_least_one, default=3,
+                   help="rounds of both, each --epochs long, alternating which runs first (with "
+                        "--one-execution false: epoch by epoch); ratio is over all rounds together "
+                        "(each side's images over its seconds), round_ratios each round's")
 
 
 def rate(times: list[tuple[int, float, float]]) -> float:
@@ -307,10 +324,11 @@ def rate(times: list[tuple[int, float, float]]) -> float:
     return sum(t[0] for t in times) / max(sum(t[1] for t in times), 1e-9)
 
 
-def steady_rate(times: list[tuple[int, float, float]], batch_size: int) -> float:
-    """Images per second over the given epochs after the first epoch's first batch."""
-    images = sum(t[0] for t in times) - min(batch_size, times[0][0])
-    return images / max(sum(t[1] for t in times) - times[0][2], 1e-9)
+def steady_rate(runs: list[list[tuple[int, float, float]]], batch_size: int) -> float:
+    """Images per second over the given runs' epochs, each run after its first epoch's first
+    batch (the run's start-up)."""
+    images = sum(sum(t[0] for t in times) - min(batch_size, times[0][0]) for times in runs)
+    return images / max(sum(sum(t[1] for t in times) - times[0][2] for times in runs), 1e-9)
 
 
 def run(args) -> dict:
@@ -322,48 +340,73 @@ def run(args) -> dict:
     split = split_of(cfg, args.images)
     loader_context()
     warm_cluster()
-    ray_times, dl_times = [], []
     stage = StageCpu(pool.max_actors * pool.cpus_per_actor)  # where the Ray side's CPU goes
-    if one_execution:  # every epoch in one execution, then as many DataLoader epochs
+    built = None if one_execution else training_pipeline(cfg, split)  # per epoch: built once
+
+    def ray_side() -> list[tuple[int, float, float]]:
+        # every epoch in one execution, a new one each round as each training run has its own
         with stage:
-            ray_times = ray_run(cfg, split, args.batch_size, args.epochs)
-        dl_times = [dataloader_epoch(cfg, split, args.batch_size, args.actors)
-                    for _ in range(args.epochs)]
-    else:
-        built = training_pipeline(cfg, split)  # built once, run once per epoch, as in training
-        for epoch in range(args.epochs):  # alternate, so that machine noise hits both alike
-            with stage:
-                ray_times.append(ray_epoch(cfg, split, args.batch_size, built, epoch))
-            dl_times.append(dataloader_epoch(cfg, split, args.batch_size, args.actors))
+            return ray_run(cfg, split, args.batch_size, args.epochs)
+
+    def dataloader_side() -> list[tuple[int, float, float]]:
+        return [dataloader_epoch(cfg, split, args.batch_size, args.actors) for _ in range(args.epochs)]
+
+    ray_rounds, dl_rounds = [], []
+    for r in range(args.rounds):  # alternate which goes first, so that drift hits both alike
+        if one_execution:
+            if r % 2 == 0:
+                ray_rounds.append(ray_side())
+                dl_rounds.append(dataloader_side())
+            else:
+                dl_rounds.append(dataloader_side())
+                ray_rounds.append(ray_side())
+        else:  # one execution per epoch: alternate epoch by epoch
+            ray_times, dl_times = [], []
+            for epoch in range(args.epochs):
+                with stage:
+                    ray_times.append(ray_epoch(cfg, split, args.batch_size, built, epoch))
+                dl_times.append(dataloader_epoch(cfg, split, args.batch_size, args.actors))
+            ray_rounds.append(ray_times)
+            dl_rounds.append(dl_times)
     cpu = stage.summary()
-    # the whole run, every start-up included: what a training run of these epochs gets. (Not the
-    # best epoch: one execution hands over blocks of up to pipeline.block_rows rows, so epochs
-    # cut by row count borrow rows from each other; only their sum is a fair time)
+    ray_times = [t for times in ray_rounds for t in times]
+    dl_times = [t for times in dl_rounds for t in times]
+    # every round whole, every start-up included: what training runs of these epochs get. (Not
+    # the best epoch: one execution hands over blocks of up to pipeline.block_rows rows, so
+    # epochs cut by row count borrow rows from each other; only their sum is a fair time)
     ray_ips, dl_ips = rate(ray_times), rate(dl_times)
-    # the first epoch of each: Ray's worker processes (or actors) and their imports start there
-    cold_ratio = rate(ray_times[:1]) / rate(dl_times[:1])
-    # after the run's first batch: throughput once the workers run
-    ray_steady, dl_steady = steady_rate(ray_times, args.batch_size), steady_rate(dl_times, args.batch_size)
+    round_ratios = [rate(a) / rate(b) for a, b in zip(ray_rounds, dl_rounds, strict=True)]
+    # the first epoch of each round: Ray's worker processes (or actors) and their imports start there
+    cold_ratio = rate([t[0] for t in ray_rounds]) / rate([t[0] for t in dl_rounds])
+    # after each round's first batch: throughput once the workers run
+    ray_steady, dl_steady = steady_rate(ray_rounds, args.batch_size), steady_rate(dl_rounds, args.batch_size)
+    ray_first = [t[0][2] for t in ray_rounds]
+    dl_first = [t[0][2] for t in dl_rounds]
     return {
         "benchmark": "ingest", "data": root, "images": args.images, "image_size": args.image_size,
         "batch_size": args.batch_size, "cpus": args.actors, "cpu_count": os.cpu_count(),
         "ray_lanes": pool.max_actors, "dataloader_workers": args.actors, "epochs": args.epochs,
+        "rounds": args.rounds,
         "ray_images": sum(t[0] for t in ray_times), "dataloader_images": sum(t[0] for t in dl_times),
         "ray_images_per_s": ray_ips, "dataloader_images_per_s": dl_ips, "ratio": ray_ips / dl_ips,
+        "round_ratios": round_ratios, "median_round_ratio": float(np.median(round_ratios)),
         "cold_ratio": cold_ratio, "compute": pool.compute,
         "one_execution": one_execution,
-        "ray_startup_s": ray_times[0][2], "dataloader_startup_s": dl_times[0][2],
+        "ray_startup_s": float(np.mean(ray_first)), "dataloader_startup_s": float(np.mean(dl_first)),
+        "ray_first_batch_s": ray_first, "dataloader_first_batch_s": dl_first,
         "ray_steady_images_per_s": ray_steady, "dataloader_steady_images_per_s": dl_steady,
         "steady_ratio": ray_steady / dl_steady,
         "ray_epoch_s": [t[1] for t in ray_times], "dataloader_epoch_s": [t[1] for t in dl_times],
         "target_ratio": 1.0, "ray_cpu": cpu,
         "table": [{"pipeline": "ray_data", "images_per_s": ray_ips, "run_s": sum(t[1] for t in ray_times),
-                   "first_batch_s": ray_times[0][2], "steady_images_per_s": ray_steady},
+                   "first_batch_s": float(np.mean(ray_first)), "steady_images_per_s": ray_steady},
                   {"pipeline": "torch_dataloader", "images_per_s": dl_ips,
-                   "run_s": sum(t[1] for t in dl_times), "first_batch_s": dl_times[0][2],
+                   "run_s": sum(t[1] for t in dl_times), "first_batch_s": float(np.mean(dl_first)),
                    "steady_images_per_s": dl_steady},
                   {"pipeline": "ratio ray/dataloader", "images_per_s": ray_ips / dl_ips,
                    "steady_images_per_s": ray_steady / dl_steady},
+                  {"pipeline": "ratio, each round", "rounds": " / ".join(f"{x:.3f}" for x in round_ratios),
+                   "median": float(np.median(round_ratios))},
                   {"pipeline": "ratio, first epochs", "images_per_s": cold_ratio},
                   {"ray_stage_cpus": "busy / waiting for a CPU / idle", "busy": cpu["lane_busy"],
                    "cpu_wait": cpu["lane_cpu_wait"], "idle": cpu["lane_idle"],
