@@ -20,12 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load(args.config, args.overrides, resume=args.resume)
 
+    from raypipe.report.run_report import best_epoch_text
     from raypipe.train.trainer import run_training
 
     init_ray()
     summary = run_training(cfg)
     print(f"run directory: {summary['run_dir']}")
-    print(f"best {summary['metric']}: {summary['best_value']} at epoch {summary['best_epoch']}")
+    print(f"best {summary['metric']}: {summary['best_value']} at epoch {best_epoch_text(summary)}")
     print(f"best checkpoint: {summary['best_checkpoint']}")
     return 0
 

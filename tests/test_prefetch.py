@@ -24,7 +24,7 @@ def ray_window(monkeypatch):
     monkeypatch.setattr(ray_iter_batches, "prefetch_batches_locally", pipeline._ray_prefetch)
 
 
-def _dataset(blocks: int = 3, fail_block: int | None = None) -> ray.data.Dataset:
+def _dataset(blocks: int = 2, fail_block: int | None = None) -> ray.data.Dataset:
     """``blocks`` blocks of ``ROWS`` ids; the first is ready at once, every other after SLOW_S."""
 
     def _work(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # a closure: sent by value
@@ -61,7 +61,7 @@ def test_the_first_block_is_yielded_before_the_next_one_arrives(ray_cluster, ray
     assert prompt < SLOW_S * 0.5, prompt
     # every row once, in the order Ray's window gives them
     assert prompt_ids == plain_ids
-    assert sorted(prompt_ids) == list(range(3 * ROWS))
+    assert sorted(prompt_ids) == list(range(2 * ROWS))
 
 
 def test_rows_are_the_same_whatever_the_batch_and_window_sizes(ray_cluster, ray_window) -> None:

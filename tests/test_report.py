@@ -109,6 +109,9 @@ def test_report_lists_skipped_files_and_prevalence():
     assert "| val | 10 | 8 | 2 | 0.800 | 0.200 |" in text
     assert "![training_curves.png](training_curves.png)" in text
     assert "name: r1" in text  # resolved config
+    # the best epoch counted from 1, as the per-epoch log lines count it ("epoch 4/4")
+    assert "Best val_auc = 0.9 at epoch 4/4 (checkpoint `/x/r1/checkpoint_epoch0003`)" in text
+    assert "at epoch ?" in render_report(cfg, {**summary, "best_epoch": None}, [])
 
 
 # ---------------------------------------------------------------- a real run
@@ -139,7 +142,8 @@ def test_run_writes_curves_and_report(run):
     run_dir = Path(summary["run_dir"])
     assert_png(run_dir / "training_curves.png")
     text = (run_dir / "report.md").read_text()
-    assert f"Best val_auc = {summary['best_value']:.4g} at epoch 0" in text
+    # counted from 1 as the log lines count it; summary.json's best_epoch counts from 0
+    assert f"Best val_auc = {summary['best_value']:.4g} at epoch 1/{summary['epochs']}" in text
     counts = json.loads((run_dir / "summary.json").read_text())["data"]
     n_train, n_val = counts["train_total"], counts["val_total"]
     assert f"| train | {n_train} |" in text and f"| val | {n_val} |" in text

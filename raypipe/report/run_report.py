@@ -54,6 +54,12 @@ def _history_table(history: list[dict]) -> list[str]:
     return lines
 
 
+def best_epoch_text(summary: dict) -> str:
+    """The best epoch as the per-epoch log lines count it ("7/8"); ``best_epoch`` counts from 0."""
+    best = summary.get("best_epoch")
+    return "?" if best is None else f"{best + 1}/{summary.get('epochs', '?')}"
+
+
 def render_report(cfg: Config, summary: dict, pictures: list[str]) -> str:
     """``report.md``'s text from the run's config and ``summary.json`` content."""
     data = summary.get("data", {})
@@ -65,7 +71,7 @@ def render_report(cfg: Config, summary: dict, pictures: list[str]) -> str:
         f"{_fmt(float(summary.get('wall_time_s', math.nan)))} s.", "",
         "## Best epoch", "",
         f"Best {summary.get('metric')} = {_fmt(summary.get('best_value'))} at epoch "
-        f"{summary.get('best_epoch')} (checkpoint `{summary.get('best_checkpoint')}`).", "",
+        f"{best_epoch_text(summary)} (checkpoint `{summary.get('best_checkpoint')}`).", "",
         "| metric | value |", "|---|---|",
         *[f"| {k} | {_fmt(v)} |" for k, v in best.items()], "",
         "## Data", "",
