@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import ray
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from raypipe.config import load_config
 from raypipe.data import pipeline
@@ -66,4 +67,40 @@ def test_the_ray_internals_it_adjusts_exist(ray_cluster) -> None:
     assert hasattr(manager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S")
     ds = pipeline._bounded(ray.data.range(8, override_num_blocks=2), load_config(None, []))
     ds.materialize()
-    assert streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == pipeline.TASK_WAIT_S
+    # a step waits for the first running task's output (wait_for_first_output), Ray's own wait
+    # then only takes what is ready
+    from ray.data._internal.execution import streaming_executor
+
+    assert streaming_executor.process_completed_tasks is pipeline.wait_for_first_output
+    assert streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == 0
+    assert pipeline.install_output_wait()  # a second time changes nothing
+
+
+
+def test_the_loop_waits_for_output_instead_of_stepping_every_10_ms(ray_cluster, monkeypatch) -> None:
+    """While its tasks run without output the scheduling loop sleeps, as long as Ray Data's own
+    step (0.1 s), where the fixed 0.01 s wait stepped about 85 times a second; the first tasks
+    still start together and the next task goes as soon as a lane is free (above)."""
+    # the eager start over before the count (also any earlier execution's in this process)
+    monkeypatch.setattr(pipeline, "EAGER_LIMITS_S", 0.3)
+    monkeypatch.setattr(pipeline, "_eager_until", 0.0)
+    steps: list[float] = []
+
+    class CountSteps(ExecutionCallback):  # local: sent by value with the dataset's context
+        def on_execution_step(self, executor) -> None:
+            steps.append(time.monotonic())
+
+    def _slow(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(2.0)
+        return batch
+
+    ds = pipeline._bounded(ray.data.from_items([{"id": i} for i in range(2)], override_num_blocks=2),
+                           load_config(None, []))
+    ds.context.custom_execution_callback_classes = [
+        *ds.context.custom_execution_callback_classes, CountSteps]
+    ds = ds.map_batches(_slow, batch_size=None, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=2))
+    assert sorted(r["id"] for r in ds.iter_rows()) == [0, 1]
+    start = steps[0]
+    quiet = [t for t in steps if start + 0.8 < t < start + 1.8]  # both tasks running, no output
+    assert len(quiet) <= 20, len(quiet)
+    assert quiet, "the loop stepped at least every IDLE_WAIT_S"

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 from ray.data._internal.block_batching import iter_batches as ray_iter_batches
-from ray.data._internal.execution import streaming_executor_state
+from ray.data._internal.execution import streaming_executor, streaming_executor_state
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from raypipe.config import ActorPool, Config
@@ -40,10 +40,12 @@ from raypipe.data.transforms import Augmenter, Preprocessor, TrainTransform
 log = logging.getLogger(__name__)
 
 # The first seconds of an execution in which its resource limits are asked for again at every
-# scheduling step while they are zero, and the longest wait of a scheduling step for running
-# tasks' output (Ray Data's: 1 s and 0.1 s); see :class:`PromptScheduling`.
+# scheduling step while they are zero; the shortest scheduling step, and the longest one while no
+# running task has output (Ray Data's: 1 s; every step 0.1 s unless all running tasks have
+# output); see :class:`PromptScheduling`.
 EAGER_LIMITS_S = 2.0
 TASK_WAIT_S = 0.01
+IDLE_WAIT_S = 0.1
 
 
 class PromptScheduling(ExecutionCallback):
@@ -60,7 +62,13 @@ class PromptScheduling(ExecutionCallback):
     - Each scheduling step waits until every running task has output, for up to 0.1 s
       (``WAIT_FOR_TASK_COMPLETION_TIMEOUT_S``), so a task that finished while another ran left
       its CPU idle for up to 0.1 s before the next one was sent (a step more for its
-      done-callback). Here the wait is :data:`TASK_WAIT_S`, for every execution of the process.
+      done-callback). Here a step waits for the *first* running task's output
+      (:func:`wait_for_first_output`): at least :data:`TASK_WAIT_S`, as the fifteenth session's
+      fixed wait did, and at most :data:`IDLE_WAIT_S` (:data:`TASK_WAIT_S` in an execution's
+      first :data:`EAGER_LIMITS_S`, while its limits are asked for again), for every execution of
+      the process. The fixed 0.01 s wait stepped about 85 times a second whatever happened,
+      0.11-0.12 of the driver's cores on 2 CPUs; waking on output steps about 20 times a second,
+      0.04 cores (README, Performance: nineteenth session).
 
     Both reach into Ray internals; where a Ray version lacks them nothing changes and a warning
     says so (a test checks that they apply to this Ray).
@@ -70,12 +78,10 @@ class PromptScheduling(ExecutionCallback):
         self._started = time.monotonic()
 
     def before_execution_starts(self, executor: Any) -> None:
+        global _eager_until
         self._started = time.monotonic()
-        if isinstance(getattr(streaming_executor_state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", None),
-                      (int, float)):
-            streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = TASK_WAIT_S
-        else:
-            _warn_internals("WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
+        _eager_until = max(_eager_until, self._started + EAGER_LIMITS_S)
+        install_output_wait()
 
     def on_execution_step(self, executor: Any) -> None:
         if time.monotonic() - self._started > EAGER_LIMITS_S:
@@ -86,6 +92,53 @@ class PromptScheduling(ExecutionCallback):
             _warn_internals("ResourceManager._global_limits")
         elif limits.cpu == 0:
             manager._global_limits_last_update_time = 0  # asked again at the next step
+
+
+_eager_until = 0.0  # until then (monotonic), a step waits at most TASK_WAIT_S
+
+
+def wait_for_first_output(topology: Any, *args: Any, **kwargs: Any) -> Any:
+    """Ray Data's ``process_completed_tasks`` (2.60), its step's wait for running tasks' output
+    taken out in front: wait for the first running task to have output, at most
+    :data:`IDLE_WAIT_S` (:data:`TASK_WAIT_S` while an execution starts), and never less than
+    :data:`TASK_WAIT_S` a step, so that output a step leaves unread (its operator held back by
+    Ray Data's backpressure) cannot make the loop spin. Ray's own wait then takes what is ready
+    without waiting (its timeout is 0 while this is in place). Other changes (the consumer taking
+    a block, which may let the next task go) are seen at the next output or within
+    :data:`IDLE_WAIT_S`, Ray Data's own step."""
+    refs = [task.get_waitable() for op in topology for task in op.get_active_tasks()]
+    # and the metadata of output already read, which Ray Data's fetch thread gets while the loop
+    # waits: the step after it arrives hands the blocks on and frees their tasks' lanes
+    fifos = getattr(kwargs.get("metadata_fetcher"), "_fifos", None) or {}
+    refs = list(dict.fromkeys(refs + [d.meta_ref for fifo in fifos.values() for d in fifo]))
+    if refs:
+        started = time.monotonic()
+        longest = TASK_WAIT_S if started < _eager_until else IDLE_WAIT_S
+        ray.wait(refs, num_returns=1, fetch_local=False, timeout=longest)
+        rest = TASK_WAIT_S - (time.monotonic() - started)
+        if rest > 0:
+            time.sleep(rest)
+    return _ray_process_completed_tasks(topology, *args, **kwargs)
+
+
+_ray_process_completed_tasks = getattr(streaming_executor, "process_completed_tasks", None)
+
+
+def install_output_wait() -> bool:
+    """Put :func:`wait_for_first_output` in place of the scheduling step's fixed wait in this
+    process (idempotent); False, with a warning, where this Ray's step is not the one it wraps."""
+    if streaming_executor.process_completed_tasks is wait_for_first_output:
+        return True
+    if _ray_process_completed_tasks is None or \
+            streaming_executor.process_completed_tasks is not _ray_process_completed_tasks or \
+            next(iter(inspect.signature(_ray_process_completed_tasks).parameters), None) != "topology" or \
+            not isinstance(getattr(streaming_executor_state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", None),
+                           (int, float)):
+        _warn_internals("streaming_executor.process_completed_tasks")
+        return False
+    streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = 0
+    streaming_executor.process_completed_tasks = wait_for_first_output
+    return True
 
 
 def prefetch_ready_blocks(ref_bundles: Iterator[Any], prefetcher: Any, num_batches_to_prefetch: int,
