@@ -67,8 +67,8 @@ class PromptScheduling(ExecutionCallback):
       fixed wait did, and at most :data:`IDLE_WAIT_S` (:data:`TASK_WAIT_S` in an execution's
       first :data:`EAGER_LIMITS_S`, while its limits are asked for again), for every execution of
       the process. The fixed 0.01 s wait stepped about 85 times a second whatever happened,
-      0.11-0.12 of the driver's cores on 2 CPUs; waking on output steps about 20 times a second,
-      0.04 cores (README, Performance: nineteenth session).
+      0.11-0.12 of the driver's cores on 2 CPUs; waking on output steps 33-39 times a second,
+      0.06-0.07 cores (README, Performance: nineteenth session).
 
     Both reach into Ray internals; where a Ray version lacks them nothing changes and a warning
     says so (a test checks that they apply to this Ray).
