@@ -352,14 +352,11 @@ def run(args) -> dict:
         return [dataloader_epoch(cfg, split, args.batch_size, args.actors) for _ in range(args.epochs)]
 
     ray_rounds, dl_rounds = [], []
+    sides = [(ray_rounds, ray_side), (dl_rounds, dataloader_side)]
     for r in range(args.rounds):  # alternate which goes first, so that drift hits both alike
         if one_execution:
-            if r % 2 == 0:
-                ray_rounds.append(ray_side())
-                dl_rounds.append(dataloader_side())
-            else:
-                dl_rounds.append(dataloader_side())
-                ray_rounds.append(ray_side())
+            for rounds, side in sides if r % 2 == 0 else sides[::-1]:
+                rounds.append(side())
         else:  # one execution per epoch: alternate epoch by epoch
             ray_times, dl_times = [], []
             for epoch in range(args.epochs):
@@ -382,6 +379,7 @@ def run(args) -> dict:
     ray_steady, dl_steady = steady_rate(ray_rounds, args.batch_size), steady_rate(dl_rounds, args.batch_size)
     ray_first = [t[0][2] for t in ray_rounds]
     dl_first = [t[0][2] for t in dl_rounds]
+    ray_startup, dl_startup = float(np.mean(ray_first)), float(np.mean(dl_first))
     return {
         "benchmark": "ingest", "data": root, "images": args.images, "image_size": args.image_size,
         "batch_size": args.batch_size, "cpus": args.actors, "cpu_count": os.cpu_count(),
@@ -392,16 +390,16 @@ def run(args) -> dict:
         "round_ratios": round_ratios, "median_round_ratio": float(np.median(round_ratios)),
         "cold_ratio": cold_ratio, "compute": pool.compute,
         "one_execution": one_execution,
-        "ray_startup_s": float(np.mean(ray_first)), "dataloader_startup_s": float(np.mean(dl_first)),
+        "ray_startup_s": ray_startup, "dataloader_startup_s": dl_startup,
         "ray_first_batch_s": ray_first, "dataloader_first_batch_s": dl_first,
         "ray_steady_images_per_s": ray_steady, "dataloader_steady_images_per_s": dl_steady,
         "steady_ratio": ray_steady / dl_steady,
         "ray_epoch_s": [t[1] for t in ray_times], "dataloader_epoch_s": [t[1] for t in dl_times],
         "target_ratio": 1.0, "ray_cpu": cpu,
         "table": [{"pipeline": "ray_data", "images_per_s": ray_ips, "run_s": sum(t[1] for t in ray_times),
-                   "first_batch_s": float(np.mean(ray_first)), "steady_images_per_s": ray_steady},
+                   "first_batch_s": ray_startup, "steady_images_per_s": ray_steady},
                   {"pipeline": "torch_dataloader", "images_per_s": dl_ips,
-                   "run_s": sum(t[1] for t in dl_times), "first_batch_s": float(np.mean(dl_first)),
+                   "run_s": sum(t[1] for t in dl_times), "first_batch_s": dl_startup,
                    "steady_images_per_s": dl_steady},
                   {"pipeline": "ratio ray/dataloader", "images_per_s": ray_ips / dl_ips,
                    "steady_images_per_s": ray_steady / dl_steady},
