@@ -40,10 +40,11 @@ from raypipe.data.transforms import Augmenter, Preprocessor, TrainTransform
 log = logging.getLogger(__name__)
 
 # The first seconds of an execution in which its resource limits are asked for again at every
-# scheduling step while they are zero; the shortest scheduling step, and the longest one while no
-# running task has output (Ray Data's: 1 s; every step 0.1 s unless all running tasks have
-# output); see :class:`PromptScheduling`.
+# scheduling step while they are zero, else every REASK_LIMITS_S (Ray Data's: every 1 s); the
+# shortest scheduling step, and the longest one while no running task has output (Ray Data's:
+# every step 0.1 s unless all running tasks have output); see :class:`PromptScheduling`.
 EAGER_LIMITS_S = 2.0
+REASK_LIMITS_S = 0.05
 TASK_WAIT_S = 0.01
 IDLE_WAIT_S = 0.1
 
@@ -58,7 +59,11 @@ class PromptScheduling(ExecutionCallback):
       (nothing reserved yet for the new execution) the resource manager keeps for 1 s. With a
       limit of zero only one task runs, so for the first second of every execution one lane
       worked and the others idled. Here, for the first :data:`EAGER_LIMITS_S` of an execution,
-      the limits are asked for again at every step while they are still zero.
+      the limits are asked for again at every step while they are still zero, and every
+      :data:`REASK_LIMITS_S` after that: the coordinator shares the CPUs among the executions
+      that asked, so an execution that starts while another is ending got half of them until
+      its next ask 1 s later; now it gets the freed CPU within 0.05-0.1 s (the coordinator
+      answers one ask late).
     - Each scheduling step waits until every running task has output, for up to 0.1 s
       (``WAIT_FOR_TASK_COMPLETION_TIMEOUT_S``), so a task that finished while another ran left
       its CPU idle for up to 0.1 s before the next one was sent (a step more for its
@@ -90,7 +95,8 @@ class PromptScheduling(ExecutionCallback):
         limits = getattr(manager, "_global_limits", None)
         if limits is None or not hasattr(manager, "_global_limits_last_update_time"):
             _warn_internals("ResourceManager._global_limits")
-        elif limits.cpu == 0:
+        elif limits.cpu == 0 or \
+                time.time() - manager._global_limits_last_update_time >= REASK_LIMITS_S:
             manager._global_limits_last_update_time = 0  # asked again at the next step
 
 
