@@ -83,20 +83,24 @@ def test_limits_are_asked_again_when_another_execution_ends(ray_cluster) -> None
     them per execution). When the other one ends soon after this one started, this one gets
     the freed CPU within a few steps, not when Ray Data next asks (1 s after its last ask)."""
     _wait_for_free_cpus()
-    limits: list[tuple[float, float]] = []  # (s since the execution started, CPU limit)
+    limits: list[tuple[float, float]] = []  # (monotonic, CPU limit) at each step
 
     class RecordLimits(ExecutionCallback):  # local: sent by value with the dataset's context
-        def before_execution_starts(self, executor) -> None:
-            self._started = time.monotonic()
-
         def on_execution_step(self, executor) -> None:
-            limits.append((time.monotonic() - self._started,
-                           executor._resource_manager._global_limits.cpu))
+            limits.append((time.monotonic(), executor._resource_manager._global_limits.cpu))
 
     other = iter(ray.data.range(1000, override_num_blocks=100)
                  .map_batches(lambda b: b, batch_size=None).iter_rows())
-    next(other)  # running, holding its share, until closed
+    next(other)  # running, holding its share of the CPUs, until closed
     time.sleep(1.0)
+    closed: list[float] = []
+
+    def close_other_once_shared() -> None:  # as soon as this execution has its half
+        deadline = time.monotonic() + 10
+        while not any(cpu == 1 for _, cpu in list(limits)) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        other.close()
+        closed.append(time.monotonic())
 
     ds = pipeline._bounded(ray.data.from_items([{"id": i} for i in range(2)], override_num_blocks=2),
                            load_config(None, []))
@@ -104,14 +108,19 @@ def test_limits_are_asked_again_when_another_execution_ends(ray_cluster) -> None
         *ds.context.custom_execution_callback_classes, RecordLimits]
     ds = ds.map_batches(lambda b: (time.sleep(1.5), b)[1], batch_size=None, num_cpus=1,
                         compute=ray.data.TaskPoolStrategy(size=2))
-    closer = threading.Timer(0.3, other.close)
+    closer = threading.Thread(target=close_other_once_shared)
     closer.start()
     assert sorted(r["id"] for r in ds.iter_rows()) == [0, 1]
     closer.join()
 
-    assert any(cpu == 1 for _, cpu in limits), limits  # shared while the other one ran
-    full = next(t for t, cpu in limits if cpu == 2)
-    assert full < 0.85, limits  # Ray Data's own next ask: 1 s after the one that gave 1 CPU
+    start = limits[0][0]
+    steps = [(round(t - start, 3), cpu) for i, (t, cpu) in enumerate(limits)
+             if i == 0 or cpu != limits[i - 1][1]]  # the changes, seconds into the execution
+    shared = next((t for t, cpu in limits if cpu == 1), None)
+    assert shared is not None, f"never 1 CPU of 2 while the other execution ran: {steps}"
+    full = next(t for t, cpu in limits if cpu == 2 and t > shared)
+    # Ray Data's own next ask comes 1 s after the one that gave 1 CPU, just before the close
+    assert full - closed[0] < 0.7, (round(closed[0] - start, 3), steps)
 
 
 def test_the_ray_internals_it_adjusts_exist(ray_cluster) -> None:
