@@ -140,3 +140,47 @@ def ray_snapshot(registered: list[str], latest: str | None = None) -> str:
         validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
         failed_validation_checkpoint_dir_names=[],
     ).model_dump_json()
+
+
+def new_execution_cpus() -> float:
+    """The CPUs Ray Data gives a new execution of raypipe's on the shared cluster now."""
+    import time
+
+    import ray
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    from raypipe.config import load_config
+    from raypipe.data import pipeline
+
+    seen: list[float] = []
+
+    class RecordLimits(ExecutionCallback):  # local: sent by value with the dataset's context
+        def on_execution_step(self, executor) -> None:
+            seen.append(executor._resource_manager._global_limits.cpu)
+
+    probe = pipeline._bounded(ray.data.range(1), load_config(None, []))
+    probe.context.custom_execution_callback_classes = [
+        *probe.context.custom_execution_callback_classes, RecordLimits]
+    probe.map_batches(lambda b: (time.sleep(0.3), b)[1], batch_size=None).materialize()
+    return max(seen, default=0.0)
+
+
+def wait_for_full_share(cpus: float = 2.0, timeout_s: float = 60.0) -> None:
+    """Until the shared cluster's CPUs are free and a new Ray Data execution is given all of
+    them, for tests that time the data stage's lanes: an earlier test's actors may still be
+    ending, and a process killed in the middle of an execution (the fault tests kill several)
+    keeps its share for up to ``raypipe.data.pipeline.RESERVATION_EXPIRE_S``."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free, given = ray.available_resources().get("CPU", 0.0), 0.0
+        if free >= cpus:
+            given = new_execution_cpus()
+            if given >= cpus:
+                return
+        assert time.monotonic() < deadline, (
+            f"after {timeout_s} s: {free} of the cluster's CPUs free, a new execution given {given}")
+        time.sleep(1.0)

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import ray
+from conftest import wait_for_full_share
 from ray.data._internal.block_batching import iter_batches as ray_iter_batches
 
 from raypipe.data import pipeline
@@ -49,6 +50,7 @@ def _first_batch_s(batches) -> tuple[float, list[int]]:
 
 
 def test_the_first_block_is_yielded_before_the_next_one_arrives(ray_cluster, ray_window) -> None:
+    wait_for_full_share()
     _first_batch_s(_dataset(1).iter_torch_batches(batch_size=ROWS))  # lane process up
 
     # Ray's window (2 batches of 4 rows) waits for a second block before it yields the first
@@ -59,9 +61,8 @@ def test_the_first_block_is_yielded_before_the_next_one_arrives(ray_cluster, ray
     prompt, prompt_ids = _first_batch_s(
         pipeline.torch_batches(_dataset(), batch_size=ROWS, prefetch_batches=2))
     assert prompt < SLOW_S * 0.5, prompt
-    # every row once, in the order Ray's window gives them
-    assert prompt_ids == plain_ids
-    assert sorted(prompt_ids) == list(range(2 * ROWS))
+    # every row once (which of two executions' blocks comes first is Ray Data's to choose)
+    assert sorted(prompt_ids) == sorted(plain_ids) == list(range(2 * ROWS))
 
 
 def test_rows_are_the_same_whatever_the_batch_and_window_sizes(ray_cluster, ray_window) -> None:

@@ -4,12 +4,15 @@ whether the driver runs them or Ray Train's split coordinator does."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import ray
+from conftest import ROOT, new_execution_cpus, wait_for_full_share
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from raypipe.config import load_config
@@ -42,18 +45,9 @@ def _task_starts(prompt: bool, consumer: str) -> list[float]:
     return [s - starts[0] for s in starts]
 
 
-def _wait_for_free_cpus(n: float = 2.0, timeout_s: float = 60.0) -> None:
-    """Until the shared cluster's CPUs are free again (an earlier test's actors or tasks may
-    still be ending), so that what is measured is this pipeline's scheduling."""
-    deadline = time.monotonic() + timeout_s
-    while (free := ray.available_resources().get("CPU", 0.0)) < n:
-        assert time.monotonic() < deadline, f"{free} of the cluster's CPUs free after {timeout_s} s"
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("consumer", ["driver", "split"])
 def test_both_lanes_start_together(ray_cluster, consumer: str) -> None:
-    _wait_for_free_cpus()
+    wait_for_full_share()
     _task_starts(True, consumer)  # Ray Data's cluster-wide actors and both lanes' processes up
     assert pipeline.PromptScheduling in pipeline._bounded(
         ray.data.range(1), load_config(None, [])).context.custom_execution_callback_classes
@@ -64,7 +58,7 @@ def test_both_lanes_start_together(ray_cluster, consumer: str) -> None:
     # answers Ray Data runs one task at a time, with or without PromptScheduling
     tries = []
     for _ in range(3):
-        _wait_for_free_cpus()
+        wait_for_full_share()
         tries.append(prompt := _task_starts(True, consumer))
         if prompt[1] < 0.5 * TASK_S and prompt[3] < 1.5 * TASK_S:
             break
@@ -73,7 +67,7 @@ def test_both_lanes_start_together(ray_cluster, consumer: str) -> None:
 
     # without it, Ray Data runs one task at a time until a task ends or its resource limits,
     # kept for 1 s from the execution's start, are asked for again
-    _wait_for_free_cpus()
+    wait_for_full_share()
     plain = _task_starts(False, consumer)
     assert plain[1] > 0.6 * TASK_S, plain
 
@@ -82,7 +76,7 @@ def test_limits_are_asked_again_when_another_execution_ends(ray_cluster) -> None
     """Two executions share the cluster's CPUs (Ray Data's autoscaling coordinator reserves
     them per execution). When the other one ends soon after this one started, this one gets
     the freed CPU within a few steps, not when Ray Data next asks (1 s after its last ask)."""
-    _wait_for_free_cpus()
+    wait_for_full_share()
     limits: list[tuple[float, float]] = []  # (monotonic, CPU limit) at each step
 
     class RecordLimits(ExecutionCallback):  # local: sent by value with the dataset's context
@@ -123,6 +117,41 @@ def test_limits_are_asked_again_when_another_execution_ends(ray_cluster) -> None
     assert full - closed[0] < 0.7, (round(closed[0] - start, 3), steps)
 
 
+def test_a_killed_process_share_of_the_cluster_expires(ray_cluster) -> None:
+    """A process killed in the middle of an execution cannot end it, so its share of the
+    cluster stays reserved until its last ask expires: 180 s with Ray Data's setting, during
+    which every new execution got half the CPUs; RESERVATION_EXPIRE_S with raypipe's (here 8 s,
+    set in that process, so the test is short)."""
+    wait_for_full_share()
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+import ray
+ray.init(address={ray_cluster!r}, log_to_driver=False)
+from raypipe.config import load_config
+from raypipe.data import pipeline
+pipeline.RESERVATION_EXPIRE_S = 8
+assert pipeline.expire_stale_shares()
+ds = pipeline._bounded(ray.data.range(1000, override_num_blocks=100), load_config(None, []))
+rows = iter(ds.map_batches(lambda b: b, batch_size=None).iter_rows())
+next(rows)
+print("running", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert child.stdout.readline().strip() == "running"
+        assert new_execution_cpus() == 1.0  # shared with the child's execution
+    finally:
+        child.kill()
+        child.wait()
+    killed = time.monotonic()
+    given = []
+    while time.monotonic() - killed < 30 and (not given or given[-1][1] < 2.0):
+        given.append((round(time.monotonic() - killed, 1), new_execution_cpus()))
+        time.sleep(0.5)
+    # by 8 s plus a renewal's 10 s at most; with Ray Data's 180 s still 1.0 after 30 s
+    assert given[-1][1] == 2.0 and given[-1][0] < 20, given
+
+
 def test_the_ray_internals_it_adjusts_exist(ray_cluster) -> None:
     """A Ray upgrade that renames them fails here, not silently in every short epoch."""
     from ray.data._internal.execution import resource_manager, streaming_executor_state
@@ -139,6 +168,12 @@ def test_the_ray_internals_it_adjusts_exist(ray_cluster) -> None:
     assert streaming_executor.process_completed_tasks is pipeline.wait_for_first_output
     assert streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == 0
     assert pipeline.install_output_wait()  # a second time changes nothing
+    # a killed process's share of the cluster expires after RESERVATION_EXPIRE_S
+    from ray.data._internal.cluster_autoscaler import rate_based_cluster_autoscaler as rate
+
+    assert pipeline.expire_stale_shares()
+    assert rate.RateBasedClusterAutoscaler.__init__.__kwdefaults__[
+        "autoscaling_request_expire_time_s"] == pipeline.RESERVATION_EXPIRE_S
 
 
 

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # every step 0.1 s unless all running tasks have output); see :class:`PromptScheduling`.
 EAGER_LIMITS_S = 2.0
 REASK_LIMITS_S = 0.05
+# How long the share of the cluster that an execution's process holds outlives that process
+# when it dies without ending the execution (Ray Data's: 180 s); see :func:`expire_stale_shares`.
+RESERVATION_EXPIRE_S = 30
 TASK_WAIT_S = 0.01
 IDLE_WAIT_S = 0.1
 
@@ -101,6 +104,36 @@ class PromptScheduling(ExecutionCallback):
 
 
 _eager_until = 0.0  # until then (monotonic), a step waits at most TASK_WAIT_S
+
+
+def expire_stale_shares() -> bool:
+    """Ray Data's autoscaling coordinator splits the cluster's CPUs among the executions that
+    asked for them, and an execution renews its ask every 10 s. When a process dies in the
+    middle of an execution (a training worker or the driver killed, a job stopped), its share
+    was kept for 180 s: every execution started in the next three minutes ran on half the CPUs
+    (README, Performance: twentieth session). Here the asks of this process's executions expire
+    after :data:`RESERVATION_EXPIRE_S` instead, three renewals, with either of Ray Data's
+    cluster autoscalers (the rate-based default and ``V2``); where
+    ``RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S`` is set, it is left as set. False, with a
+    warning, where this Ray has no such setting."""
+    import os
+
+    if "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S" in os.environ:
+        return False
+    try:
+        from ray.data._internal.cluster_autoscaler import default_cluster_autoscaler_v2 as v2
+        from ray.data._internal.cluster_autoscaler import rate_based_cluster_autoscaler as rate
+        rate_defaults = rate.RateBasedClusterAutoscaler.__init__.__kwdefaults__
+        v2_class = v2.DefaultClusterAutoscalerV2
+    except (ImportError, AttributeError):
+        rate_defaults = v2_class = None
+    if not isinstance((rate_defaults or {}).get("autoscaling_request_expire_time_s"), (int, float)) \
+            or not isinstance(getattr(v2_class, "AUTOSCALING_REQUEST_EXPIRE_TIME_S", None), (int, float)):
+        _warn_internals("the cluster autoscalers' AUTOSCALING_REQUEST_EXPIRE_TIME_S")
+        return False
+    rate_defaults["autoscaling_request_expire_time_s"] = RESERVATION_EXPIRE_S
+    v2_class.AUTOSCALING_REQUEST_EXPIRE_TIME_S = RESERVATION_EXPIRE_S
+    return True
 
 
 def wait_for_first_output(topology: Any, *args: Any, **kwargs: Any) -> Any:
@@ -796,3 +829,9 @@ def dataset_config():
             return out
 
     return _Config()
+
+
+# an execution's first ask is sent when it is planned, before any callback of it is made, and
+# every process that runs this module's executions has imported it by then (the callbacks'
+# class travels with the dataset's context)
+expire_stale_shares()
