@@ -142,27 +142,35 @@ def ray_snapshot(registered: list[str], latest: str | None = None) -> str:
     ).model_dump_json()
 
 
+def record_cpu_limits(ds, into: list) -> None:
+    """Append (monotonic time, CPU limit) to ``into`` at every scheduling step of ``ds``'s
+    executions, in whichever process runs them (``into`` is only read back from the driver's)."""
+    import time
+
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    class RecordLimits(ExecutionCallback):  # local: sent by value with the dataset's context
+        def on_execution_step(self, executor) -> None:
+            into.append((time.monotonic(), executor._resource_manager._global_limits.cpu))
+
+    ds.context.custom_execution_callback_classes = [
+        *ds.context.custom_execution_callback_classes, RecordLimits]
+
+
 def new_execution_cpus() -> float:
     """The CPUs Ray Data gives a new execution of raypipe's on the shared cluster now."""
     import time
 
     import ray
-    from ray.data._internal.execution.execution_callback import ExecutionCallback
 
     from raypipe.config import load_config
     from raypipe.data import pipeline
 
-    seen: list[float] = []
-
-    class RecordLimits(ExecutionCallback):  # local: sent by value with the dataset's context
-        def on_execution_step(self, executor) -> None:
-            seen.append(executor._resource_manager._global_limits.cpu)
-
+    seen: list[tuple[float, float]] = []
     probe = pipeline._bounded(ray.data.range(1), load_config(None, []))
-    probe.context.custom_execution_callback_classes = [
-        *probe.context.custom_execution_callback_classes, RecordLimits]
+    record_cpu_limits(probe, seen)
     probe.map_batches(lambda b: (time.sleep(0.3), b)[1], batch_size=None).materialize()
-    return max(seen, default=0.0)
+    return max((cpu for _, cpu in seen), default=0.0)
 
 
 def wait_for_full_share(cpus: float = 2.0, timeout_s: float = 60.0) -> None:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from conftest import ROOT, new_execution_cpus, wait_for_full_share
+from conftest import ROOT, new_execution_cpus, record_cpu_limits, wait_for_full_share
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from raypipe.config import load_config
@@ -47,15 +47,15 @@ def _task_starts(prompt: bool, consumer: str) -> list[float]:
 
 @pytest.mark.parametrize("consumer", ["driver", "split"])
 def test_both_lanes_start_together(ray_cluster, consumer: str) -> None:
-    wait_for_full_share()
     _task_starts(True, consumer)  # Ray Data's cluster-wide actors and both lanes' processes up
     assert pipeline.PromptScheduling in pipeline._bounded(
         ray.data.range(1), load_config(None, [])).context.custom_execution_callback_classes
 
-    # both lanes at once, and each next task sent as soon as a lane is free. Up to three tries:
-    # on a loaded machine (CI, 2 CPUs) Ray Data's cluster-wide autoscaling coordinator once
-    # answered an execution's first request for resources only after 1.3 s, and until it
-    # answers Ray Data runs one task at a time, with or without PromptScheduling
+    # both lanes at once, and each next task sent as soon as a lane is free. Each try waits for
+    # a full share of the cluster (an earlier test's killed process may hold half for up to
+    # RESERVATION_EXPIRE_S); up to three tries, since until Ray Data's autoscaling coordinator
+    # answers an execution's first ask (once 1.3 s on a loaded machine) Ray Data runs one task
+    # at a time, with or without PromptScheduling
     tries = []
     for _ in range(3):
         wait_for_full_share()
@@ -78,11 +78,6 @@ def test_limits_are_asked_again_when_another_execution_ends(ray_cluster) -> None
     the freed CPU within a few steps, not when Ray Data next asks (1 s after its last ask)."""
     wait_for_full_share()
     limits: list[tuple[float, float]] = []  # (monotonic, CPU limit) at each step
-
-    class RecordLimits(ExecutionCallback):  # local: sent by value with the dataset's context
-        def on_execution_step(self, executor) -> None:
-            limits.append((time.monotonic(), executor._resource_manager._global_limits.cpu))
-
     other = iter(ray.data.range(1000, override_num_blocks=100)
                  .map_batches(lambda b: b, batch_size=None).iter_rows())
     next(other)  # running, holding its share of the CPUs, until closed
@@ -98,8 +93,7 @@ def test_limits_are_asked_again_when_another_execution_ends(ray_cluster) -> None
 
     ds = pipeline._bounded(ray.data.from_items([{"id": i} for i in range(2)], override_num_blocks=2),
                            load_config(None, []))
-    ds.context.custom_execution_callback_classes = [
-        *ds.context.custom_execution_callback_classes, RecordLimits]
+    record_cpu_limits(ds, limits)
     ds = ds.map_batches(lambda b: (time.sleep(1.5), b)[1], batch_size=None, num_cpus=1,
                         compute=ray.data.TaskPoolStrategy(size=2))
     closer = threading.Thread(target=close_other_once_shared)

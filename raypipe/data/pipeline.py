@@ -17,6 +17,7 @@ import collections
 import functools
 import inspect
 import logging
+import os
 import threading
 import time
 import uuid
@@ -116,8 +117,6 @@ def expire_stale_shares() -> bool:
     cluster autoscalers (the rate-based default and ``V2``); where
     ``RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S`` is set, it is left as set. False, with a
     warning, where this Ray has no such setting."""
-    import os
-
     if "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S" in os.environ:
         return False
     try:
