@@ -127,6 +127,9 @@ def init_ray(**kwargs) -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``) or start a local one.
 
     The S3 variables of this process travel to the workers through the job's runtime env.
+    ``ray.init`` replaces the process's SIGTERM handler with a plain ``sys.exit``; the job's own
+    (:func:`fail`: SIGTERM as Ctrl-C, so Ray Train aborts the run gracefully and gives back its
+    share of the cluster) is put back.
     """
     import ray
 
@@ -138,7 +141,10 @@ def init_ray(**kwargs) -> None:
             runtime_env = dict(kwargs.pop("runtime_env", None) or {})
             runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
             kwargs["runtime_env"] = runtime_env
+        ours = signal.getsignal(signal.SIGTERM) is _sigterm_as_sigint
         ray.init(**kwargs)
+        if ours and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _sigterm_as_sigint)
     configure_data_context()
 
 

@@ -173,6 +173,28 @@ def new_execution_cpus() -> float:
     return max((cpu for _, cpu in seen), default=0.0)
 
 
+def reservations() -> dict[str, dict]:
+    """What Ray Data's autoscaling coordinator holds for each requester on the shared cluster
+    (``data-<execution>``: a Ray Data execution; ``train-<run>``: a Ray Train run's workers):
+    its priority, the CPUs reserved to it, and the seconds until its last ask expires."""
+    import time
+
+    import ray
+
+    try:
+        actor = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:  # no execution has asked yet
+        return {}
+
+    def held(coordinator) -> dict:
+        now = time.time()
+        return {rid: {"priority": r.priority, "expires_in_s": round(r.expiration_time - now, 1),
+                      "cpus": sum(node.get("CPU", 0) for node in r.reserved_resources.values())}
+                for rid, r in coordinator._ongoing_reqs.items() if r.expiration_time > now}
+
+    return ray.get(actor.__ray_call__.remote(held))
+
+
 def wait_for_full_share(cpus: float = 2.0, timeout_s: float = 60.0) -> None:
     """Until the shared cluster's CPUs are free and a new Ray Data execution is given all of
     them, for tests that time the data stage's lanes: an earlier test's actors may still be
@@ -190,5 +212,6 @@ def wait_for_full_share(cpus: float = 2.0, timeout_s: float = 60.0) -> None:
             if given >= cpus:
                 return
         assert time.monotonic() < deadline, (
-            f"after {timeout_s} s: {free} of the cluster's CPUs free, a new execution given {given}")
+            f"after {timeout_s} s: {free} of the cluster's CPUs free, a new execution given "
+            f"{given}; reserved: {reservations()}")
         time.sleep(1.0)

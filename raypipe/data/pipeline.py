@@ -18,6 +18,7 @@ import functools
 import inspect
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -115,24 +116,46 @@ def expire_stale_shares() -> bool:
     (README, Performance: twentieth session). Here the asks of this process's executions expire
     after :data:`RESERVATION_EXPIRE_S` instead, three renewals, with either of Ray Data's
     cluster autoscalers (the rate-based default and ``V2``); where
-    ``RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S`` is set, it is left as set. False, with a
-    warning, where this Ray has no such setting."""
-    if "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S" in os.environ:
-        return False
-    try:
-        from ray.data._internal.cluster_autoscaler import default_cluster_autoscaler_v2 as v2
-        from ray.data._internal.cluster_autoscaler import rate_based_cluster_autoscaler as rate
-        rate_defaults = rate.RateBasedClusterAutoscaler.__init__.__kwdefaults__
-        v2_class = v2.DefaultClusterAutoscalerV2
-    except (ImportError, AttributeError):
-        rate_defaults = v2_class = None
-    if not isinstance((rate_defaults or {}).get("autoscaling_request_expire_time_s"), (int, float)) \
-            or not isinstance(getattr(v2_class, "AUTOSCALING_REQUEST_EXPIRE_TIME_S", None), (int, float)):
-        _warn_internals("the cluster autoscalers' AUTOSCALING_REQUEST_EXPIRE_TIME_S")
-        return False
-    rate_defaults["autoscaling_request_expire_time_s"] = RESERVATION_EXPIRE_S
-    v2_class.AUTOSCALING_REQUEST_EXPIRE_TIME_S = RESERVATION_EXPIRE_S
-    return True
+    ``RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S`` is set, it is left as set.
+
+    Ray Train's controller reserves its workers' CPUs with the same coordinator, renewed every
+    20 s and also kept for 180 s after the controller dies (a driver killed, a Tune trial
+    stopped); for those three minutes a new run's data stage got only what was left beside two
+    runs' workers (on 2 CPUs, one task at a time). In a process that has Ray Train loaded (the
+    controller: its class is loaded before its arguments, whose datasets import this module),
+    that reservation is renewed every third of :data:`RESERVATION_EXPIRE_S` and expires after
+    it. False, with a warning, where this Ray has no such settings."""
+    ok = True
+    if "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S" not in os.environ:
+        try:
+            from ray.data._internal.cluster_autoscaler import default_cluster_autoscaler_v2 as v2
+            from ray.data._internal.cluster_autoscaler import rate_based_cluster_autoscaler as rate
+            rate_defaults = rate.RateBasedClusterAutoscaler.__init__.__kwdefaults__
+            v2_class = v2.DefaultClusterAutoscalerV2
+        except (ImportError, AttributeError):
+            rate_defaults = v2_class = None
+        if isinstance((rate_defaults or {}).get("autoscaling_request_expire_time_s"), (int, float)) \
+                and isinstance(getattr(v2_class, "AUTOSCALING_REQUEST_EXPIRE_TIME_S", None), (int, float)):
+            rate_defaults["autoscaling_request_expire_time_s"] = RESERVATION_EXPIRE_S
+            v2_class.AUTOSCALING_REQUEST_EXPIRE_TIME_S = RESERVATION_EXPIRE_S
+        else:
+            _warn_internals("the cluster autoscalers' AUTOSCALING_REQUEST_EXPIRE_TIME_S")
+            ok = False
+    if "ray.train" in sys.modules:
+        try:
+            from ray.train.v2._internal.execution.scaling_policy import (
+                autoscaling_coordinator_client as train_client,
+            )
+        except ImportError:
+            train_client = None
+        names = ("AUTOSCALING_REQUESTS_EXPIRE_TIME_S", "AUTOSCALING_REQUESTS_INTERVAL_S")
+        if all(isinstance(getattr(train_client, n, None), (int, float)) for n in names):
+            train_client.AUTOSCALING_REQUESTS_EXPIRE_TIME_S = RESERVATION_EXPIRE_S
+            train_client.AUTOSCALING_REQUESTS_INTERVAL_S = RESERVATION_EXPIRE_S / 3
+        else:
+            _warn_internals("Ray Train's AUTOSCALING_REQUESTS_EXPIRE_TIME_S")
+            ok = False
+    return ok
 
 
 def wait_for_first_output(topology: Any, *args: Any, **kwargs: Any) -> Any:
