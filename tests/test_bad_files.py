@@ -127,9 +127,12 @@ def test_duplicates_with_same_size_but_different_bytes_are_not_leaks(tmp_path: P
 
 
 def _val_rows(cfg, split) -> tuple[int, dict]:
-    _, val, ledger, _ = pipeline.build_datasets(cfg, split)
-    n = sum(len(b["label"]) for b in val.iter_batches(batch_size=64, batch_format="numpy"))
-    return n, ray.get(ledger.items.remote())
+    _, val, ledger, clock = pipeline.build_datasets(cfg, split)
+    try:
+        n = sum(len(b["label"]) for b in val.iter_batches(batch_size=64, batch_format="numpy"))
+        return n, ray.get(ledger.items.remote())
+    finally:
+        pipeline.release(ledger, clock)  # as a run ends them: no idle actors left on the cluster
 
 
 def _val_only_split(tmp_path: Path, n_bad: int, overrides: list[str]):
@@ -159,8 +162,10 @@ def test_small_validation_set_is_preprocessed_once_with_the_same_rows(ray_cluste
 
     def rows(cache_val_mb: float):
         pipe = cfg.pipeline.model_copy(update={"cache_val_mb": cache_val_mb})
-        _, val, _, _ = pipeline.build_datasets(cfg.model_copy(update={"pipeline": pipe}), split)
+        _, val, ledger, clock = pipeline.build_datasets(cfg.model_copy(update={"pipeline": pipe}),
+                                                        split)
         batches = list(val.iter_batches(batch_size=64, batch_format="numpy"))
+        pipeline.release(ledger, clock)
         images = np.concatenate([b["image"] for b in batches])
         labels = np.concatenate([b["label"] for b in batches])
         order = np.lexsort((images.reshape(len(images), -1).sum(1), labels))

@@ -178,3 +178,35 @@ def test_ingest_rounds_must_be_at_least_one(capsys):
         _job().main(["ingest", "--rounds", "0"])
     err = capsys.readouterr().err
     assert "--rounds" in err and "'0': expected a whole number of at least 1" in err
+
+
+@pytest.mark.ray
+def test_a_benchmark_pipeline_ends_its_helper_actors(ray_cluster, tmp_path, monkeypatch):
+    """Each pipeline a benchmark builds ends its bad-file ledger and epoch clock once drained, as
+    a training run does. The task processes that ran its batches keep handles to them, so they
+    lived as long as the benchmark's process: two idle actor processes a pipeline, in
+    ``memory``'s second peak and in every later round of ``ingest``."""
+    import ray
+    from conftest import make_image_folder
+
+    from raypipe.benchmarks import ingest
+    from raypipe.config import load_config
+    from raypipe.data import pipeline
+
+    helpers, build = [], pipeline.build_datasets
+
+    def build_and_keep(*args, **kwargs):
+        built = build(*args, **kwargs)
+        helpers.append(built[2:])  # (ledger, clock)
+        return built
+
+    monkeypatch.setattr(pipeline, "build_datasets", build_and_keep)
+    root = make_image_folder(tmp_path / "imgs", {"a": 4, "b": 4})
+    cfg = load_config(None, [f"data.root={root}", "preprocess.image_size=16", "pipeline.blocks=2"])
+    split = ingest.split_of(cfg, 8)
+    assert ingest.ray_epoch(cfg, split, 4)[0] == 8
+    assert [e[0] for e in ingest.ray_run(cfg, split, 4, 2)] == [8, 8]
+    assert len(helpers) == 2
+    for actor in (a for pair in helpers for a in pair):
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=60)

@@ -209,7 +209,7 @@ def test_datasets_are_made_of_those_blocks_in_order(ray_cluster):
 def test_the_map_stage_emits_blocks_of_at_most_max_block_mib(ray_cluster, tmp_path):
     """Memory is bounded by the block size, not by how many files a block of the file list
     holds: one input block of 24 files comes out as blocks of about max_block_mib each."""
-    from raypipe.data.pipeline import build_datasets
+    from raypipe.data.pipeline import build_datasets, release
 
     root = make_image_folder(tmp_path / "imgs", {"cats": 12, "dogs": 12})
     row = 16 * 16 * 4  # one grayscale 16x16 float32 image (the label adds 8 bytes)
@@ -218,9 +218,11 @@ def test_the_map_stage_emits_blocks_of_at_most_max_block_mib(ray_cluster, tmp_pa
         cfg = load_config(None, [f"data.root={root}", "data.val_fraction=0.25",
                                  "preprocess.image_size=16", "pipeline.blocks=1",
                                  "train.num_workers=1", f"pipeline.max_block_mib={max_block_mib}"])
-        train, _, _, _ = build_datasets(cfg, discover(cfg.data))
-        return [(m.num_rows, m.size_bytes) for bundle in train.materialize().iter_internal_ref_bundles()
-                for m in bundle.metadata]
+        train, _, ledger, clock = build_datasets(cfg, discover(cfg.data))
+        out = [(m.num_rows, m.size_bytes) for bundle in train.materialize().iter_internal_ref_bundles()
+               for m in bundle.metadata]
+        release(ledger, clock)
+        return out
 
     whole = blocks(16)
     assert [rows for rows, _ in whole] == [18]  # 24 files, 6 for validation: one block
@@ -236,7 +238,7 @@ def test_each_block_of_the_map_stage_is_one_calls_output_in_one_chunk(ray_cluste
     with 2-file calls and 5-image blocks, parts of up to 6 files, each its own one-chunk block."""
     import ray
 
-    from raypipe.data.pipeline import build_datasets, call_rows
+    from raypipe.data.pipeline import build_datasets, call_rows, release
 
     root = make_image_folder(tmp_path / "imgs", {"cats": 12, "dogs": 12})
     row = 16 * 16 * 4  # one grayscale 16x16 float32 image
@@ -245,9 +247,10 @@ def test_each_block_of_the_map_stage_is_one_calls_output_in_one_chunk(ray_cluste
                              "pipeline.train.batch_size=2", "pipeline.train.compute=tasks",
                              "train.num_workers=1"])
     assert call_rows(cfg, cfg.pipeline.train) == 6
-    train, _, _, _ = build_datasets(cfg, discover(cfg.data))
+    train, _, ledger, clock = build_datasets(cfg, discover(cfg.data))
     blocks = [ray.get(ref) for bundle in train.materialize().iter_internal_ref_bundles()
               for ref in bundle.block_refs]
+    release(ledger, clock)
     # 18 training files in input blocks of 2, 2, 4, 4 and 6 (block_spans): 2-file calls made
     # the blocks of 4 and 6 files two and three chunks
     assert sum(b.num_rows for b in blocks) == 18 and max(b.num_rows for b in blocks) == 6

@@ -83,15 +83,26 @@ def synthetic(args, device) -> dict:
 
 def with_pipeline(args, device) -> dict:
     """images/s and data-wait fraction when Ray Data feeds the model (after ``warmup`` batches)."""
-    import torch
 
-    from raypipe.data.pipeline import torch_batches
+    from raypipe.data.pipeline import release
 
     ensure_ray(args)
     root = data_root(args)
     cfg = bench_config(args, root)
     n = (args.warmup + args.steps) * args.batch_size
-    train, _ = training_pipeline(cfg, split_of(cfg, n))
+    train, _, helpers = training_pipeline(cfg, split_of(cfg, n))
+    try:
+        return _fed(args, device, cfg, train, root)
+    finally:
+        release(*helpers)
+
+
+def _fed(args, device, cfg, train, root: str) -> dict:
+    """:func:`with_pipeline`'s loop over ``train``."""
+    import torch
+
+    from raypipe.data.pipeline import torch_batches
+
     model, opt, loss_fn = _model(args, device)
     wait = busy = 0.0
     images = steps = 0

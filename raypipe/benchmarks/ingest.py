@@ -156,15 +156,19 @@ def drain(batches) -> tuple[int, float, float]:
 
 
 def training_pipeline(cfg: Config, split: DatasetSplit, whole_run: bool = False):
-    """(dataset, epoch clock): the Ray training pipeline alone. Its validation set is not
-    preprocessed ahead of time (``pipeline.cache_val_mb=0``), so nothing runs before the
-    benchmark's clock starts. ``whole_run``: all ``train.epochs`` epochs in one execution."""
+    """(dataset, epoch clock, helper actors): the Ray training pipeline alone. Its validation set
+    is not preprocessed ahead of time (``pipeline.cache_val_mb=0``), so nothing runs before the
+    benchmark's clock starts. ``whole_run``: all ``train.epochs`` epochs in one execution. Once
+    done with it, ``pipeline.release(*helpers)`` ends its bad-file ledger and clock, as a
+    training run does: the task processes that ran its batches keep handles to them, so each
+    pipeline built in a benchmark's process left two idle actor processes for the rest of it
+    (counted in ``memory``'s later peaks)."""
     from raypipe.data import pipeline
 
     cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"cache_val_mb": 0})})
     # one consumer: every epoch holds every training file
-    train, _, _, clock = pipeline.build_datasets(cfg, split, whole_run=whole_run, world=1)
-    return train, clock
+    train, _, ledger, clock = pipeline.build_datasets(cfg, split, whole_run=whole_run, world=1)
+    return train, clock, (ledger, clock)
 
 
 def drain_epochs(batches, n: int, epochs: int) -> list[tuple[int, float, float]]:
@@ -183,16 +187,19 @@ def ray_run(cfg: Config, split: DatasetSplit, batch_size: int,
     training run with ``pipeline.one_execution`` runs it; per epoch, see :func:`drain_epochs`."""
     import ray
 
-    from raypipe.data.pipeline import epochs_per_execution, torch_batches
+    from raypipe.data.pipeline import epochs_per_execution, release, torch_batches
 
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-    train, clock = training_pipeline(cfg, split, whole_run=True)
+    train, clock, helpers = training_pipeline(cfg, split, whole_run=True)
     per_run, out = epochs_per_execution(cfg, len(split.train)), []
-    for first in range(0, epochs, per_run):  # one execution, unless over one_execution_max_rows
-        ray.get(clock.set.remote(first))
-        out += drain_epochs(torch_batches(train, batch_size=batch_size,
-                                          prefetch_batches=cfg.pipeline.prefetch_batches),
-                            len(split.train), min(per_run, epochs - first))
+    try:
+        for first in range(0, epochs, per_run):  # one execution, unless over one_execution_max_rows
+            ray.get(clock.set.remote(first))
+            out += drain_epochs(torch_batches(train, batch_size=batch_size,
+                                              prefetch_batches=cfg.pipeline.prefetch_batches),
+                                len(split.train), min(per_run, epochs - first))
+    finally:
+        release(*helpers)
     return out
 
 
@@ -203,12 +210,16 @@ def ray_epoch(cfg: Config, split: DatasetSplit, batch_size: int, built=None,
     per epoch), else a new one."""
     import ray
 
-    from raypipe.data.pipeline import torch_batches
+    from raypipe.data.pipeline import release, torch_batches
 
-    train, clock = built or training_pipeline(cfg, split)
-    ray.get(clock.set.remote(epoch))
-    return drain(torch_batches(train, batch_size=batch_size,
-                               prefetch_batches=cfg.pipeline.prefetch_batches))
+    train, clock, helpers = built or training_pipeline(cfg, split)
+    try:
+        ray.get(clock.set.remote(epoch))
+        return drain(torch_batches(train, batch_size=batch_size,
+                                   prefetch_batches=cfg.pipeline.prefetch_batches))
+    finally:
+        if built is None:  # a pipeline run again is the caller's to release
+            release(*helpers)
 
 
 # ---------------------------------------------------------------- DataLoader baseline
@@ -332,6 +343,8 @@ def steady_rate(runs: list[list[tuple[int, float, float]]], batch_size: int) -> 
 
 
 def run(args) -> dict:
+    from raypipe.data.pipeline import release
+
     ensure_ray(args)
     root = data_root(args)
     cfg = training_config(args, root, [f"pipeline.one_execution={args.one_execution}"])
@@ -365,6 +378,8 @@ def run(args) -> dict:
                 dl_times.append(dataloader_epoch(cfg, split, args.batch_size, args.actors))
             ray_rounds.append(ray_times)
             dl_rounds.append(dl_times)
+    if built is not None:
+        release(*built[2])
     cpu = stage.summary()
     ray_times = [t for times in ray_rounds for t in times]
     dl_times = [t for times in dl_rounds for t in times]
