@@ -58,14 +58,23 @@ def became_actor(cmdline: list[str]) -> bool:
     return not title.startswith(LANE_TITLES) and ACTOR_TITLE.match(title) is not None
 
 
+LINUX_TASKS = Path("/proc/self/task").is_dir()  # a thread's wait for a CPU can be read
+
+
 def cpu_wait_s(pid: int) -> float | None:
-    """Seconds the live threads of ``pid`` were runnable but waited for a CPU (Linux)."""
-    total = 0
+    """Seconds the live threads of ``pid`` were runnable but waited for a CPU (Linux); None
+    where its threads cannot be listed (not Linux, or the process has gone). A thread that ends
+    between the listing and its reading is left out."""
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            total += int((task / "schedstat").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
         return None
+    total = 0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
     return total / 1e9
 
 
@@ -111,6 +120,8 @@ class StageCpu:
             except (psutil.Error, OSError):
                 continue  # exited: keeps its last reading
             reading = (t.user + t.system, cpu_wait_s(pid) if role == "lane" else None)
+            if role == "lane" and reading[1] is None and LINUX_TASKS:
+                continue  # exited between the two readings: keeps its last reading
             if first:
                 self._first[pid] = reading
             self._last[pid] = reading
