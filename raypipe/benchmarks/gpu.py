@@ -83,7 +83,6 @@ def synthetic(args, device) -> dict:
 
 def with_pipeline(args, device) -> dict:
     """images/s and data-wait fraction when Ray Data feeds the model (after ``warmup`` batches)."""
-
     from raypipe.data.pipeline import release
 
     ensure_ray(args)
