@@ -200,7 +200,10 @@ def _ray_initialized() -> bool:
 
 def _report(message: str, stop_ray: bool) -> None:
     """Print ``message`` last: stop Ray first so that worker logs still streaming to this driver
-    (tracebacks of the failure just reported) do not bury it."""
+    (tracebacks of the failure just reported) do not bury it, and take down Ray's progress bars
+    for good. Those (``tqdm_ray``, drawn by this driver for the data stage) patch ``print`` to
+    redraw themselves after every line, so a run interrupted while one was up ended on a bar,
+    not on its message."""
     if stop_ray and _ray_initialized():
         import ray
 
@@ -208,5 +211,9 @@ def _report(message: str, stop_ray: bool) -> None:
             ray.shutdown()
         except Exception:  # noqa: BLE001 - the message matters more than a clean shutdown
             pass
+    bars = getattr(sys.modules.get("ray.experimental.tqdm_ray"), "_manager", None)
+    if bars is not None:
+        bars.hide_bars()  # and never shown again: the message is the last thing printed
     sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()

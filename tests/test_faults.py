@@ -260,3 +260,32 @@ def test_interrupted_run_keeps_its_results_resumes_and_keeps_the_best(ray_cluste
     again = run_training(load_config(None, [*args, f"run.name={run_dir.name}"]))
     assert [h["epoch"] for h in again["history"]] == list(range(EPOCHS))
     assert again["best_value"] == summary["best_value"]
+
+
+def test_the_message_stays_last_under_rays_progress_bars(capfd) -> None:
+    """Ray's progress bars (``tqdm_ray``, drawn by the driver for the data stage) patch ``print``
+    to redraw themselves after every line: a run interrupted while one was up ended on a bar
+    (seen once in the suite), not on "interrupted: ...". The message is the last line."""
+    import builtins
+
+    from ray.experimental import tqdm_ray
+
+    from raypipe import cli
+
+    printing = builtins.print
+    manager = tqdm_ray.instance()  # patches print, as in a job whose data stage shows bars
+    try:
+        manager.process_state_update({
+            "__magic_token__": tqdm_ray.RAY_TQDM_MAGIC, "x": 90, "pos": 0, "desc": "Running Dataset",
+            "total": 120, "unit": "row", "ip": manager.ip, "pid": 1, "uuid": "bar", "closed": False})
+        cli._report("interrupted: the message", stop_ray=False)
+        err = capfd.readouterr().err
+        assert "Running Dataset" in err  # the bar was drawn
+        assert err.strip().splitlines()[-1] == "interrupted: the message", err[-500:]
+    finally:
+        manager.unhide_bars()
+        manager.process_state_update({
+            "__magic_token__": tqdm_ray.RAY_TQDM_MAGIC, "x": 120, "pos": 0, "desc": "Running Dataset",
+            "total": 120, "unit": "row", "ip": manager.ip, "pid": 1, "uuid": "bar", "closed": True})
+        builtins.print = printing
+        tqdm_ray._manager = None
