@@ -89,11 +89,11 @@ def with_pipeline(args, device) -> dict:
     root = data_root(args)
     cfg = bench_config(args, root)
     n = (args.warmup + args.steps) * args.batch_size
-    train, _, helpers = training_pipeline(cfg, split_of(cfg, n))
+    train, clock, ledger = training_pipeline(cfg, split_of(cfg, n))
     try:
         return _fed(args, device, cfg, train, root)
     finally:
-        release(*helpers)
+        release(ledger, clock)
 
 
 def _fed(args, device, cfg, train, root: str) -> dict:

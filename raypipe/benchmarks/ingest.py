@@ -156,10 +156,10 @@ def drain(batches) -> tuple[int, float, float]:
 
 
 def training_pipeline(cfg: Config, split: DatasetSplit, whole_run: bool = False):
-    """(dataset, epoch clock, helper actors): the Ray training pipeline alone. Its validation set
+    """(dataset, epoch clock, bad-file ledger): the Ray training pipeline alone. Its validation set
     is not preprocessed ahead of time (``pipeline.cache_val_mb=0``), so nothing runs before the
     benchmark's clock starts. ``whole_run``: all ``train.epochs`` epochs in one execution. Once
-    done with it, ``pipeline.release(*helpers)`` ends its bad-file ledger and clock, as a
+    done with it, ``pipeline.release(ledger, clock)`` ends those two actors, as a
     training run does: the task processes that ran its batches keep handles to them, so each
     pipeline built in a benchmark's process left two idle actor processes for the rest of it
     (counted in ``memory``'s later peaks)."""
@@ -168,7 +168,7 @@ def training_pipeline(cfg: Config, split: DatasetSplit, whole_run: bool = False)
     cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"cache_val_mb": 0})})
     # one consumer: every epoch holds every training file
     train, _, ledger, clock = pipeline.build_datasets(cfg, split, whole_run=whole_run, world=1)
-    return train, clock, (ledger, clock)
+    return train, clock, ledger
 
 
 def drain_epochs(batches, n: int, epochs: int) -> list[tuple[int, float, float]]:
@@ -190,7 +190,7 @@ def ray_run(cfg: Config, split: DatasetSplit, batch_size: int,
     from raypipe.data.pipeline import epochs_per_execution, release, torch_batches
 
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-    train, clock, helpers = training_pipeline(cfg, split, whole_run=True)
+    train, clock, ledger = training_pipeline(cfg, split, whole_run=True)
     per_run, out = epochs_per_execution(cfg, len(split.train)), []
     try:
         for first in range(0, epochs, per_run):  # one execution, unless over one_execution_max_rows
@@ -199,7 +199,7 @@ def ray_run(cfg: Config, split: DatasetSplit, batch_size: int,
                                               prefetch_batches=cfg.pipeline.prefetch_batches),
                                 len(split.train), min(per_run, epochs - first))
     finally:
-        release(*helpers)
+        release(ledger, clock)
     return out
 
 
@@ -212,14 +212,14 @@ def ray_epoch(cfg: Config, split: DatasetSplit, batch_size: int, built=None,
 
     from raypipe.data.pipeline import release, torch_batches
 
-    train, clock, helpers = built or training_pipeline(cfg, split)
+    train, clock, ledger = built or training_pipeline(cfg, split)
     try:
         ray.get(clock.set.remote(epoch))
         return drain(torch_batches(train, batch_size=batch_size,
                                    prefetch_batches=cfg.pipeline.prefetch_batches))
     finally:
         if built is None:  # a pipeline run again is the caller's to release
-            release(*helpers)
+            release(ledger, clock)
 
 
 # ---------------------------------------------------------------- DataLoader baseline
@@ -379,7 +379,7 @@ def run(args) -> dict:
             ray_rounds.append(ray_times)
             dl_rounds.append(dl_times)
     if built is not None:
-        release(*built[2])
+        release(*built[1:])
     cpu = stage.summary()
     ray_times = [t for times in ray_rounds for t in times]
     dl_times = [t for times in dl_rounds for t in times]
