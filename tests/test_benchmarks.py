@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -203,6 +206,20 @@ def test_gpu_runs_tiny_on_cpu(ray_cluster, tmp_path):
     assert 0.0 <= r["pipeline_data_wait_frac"] <= 1.0
     cpu = r["pipeline_ray_cpu"]  # the data stage's CPUs over the loop: its actors were seen working
     assert cpu["lane_busy"] > 0 and cpu["lane_cpu_wait"] >= 0 and cpu["driver_cores"] > 0
+
+
+def test_benchmark_scratch_folders_go_when_the_benchmark_exits():
+    """Synthetic images and a benchmark's run storage are temporary: each run left them behind
+    (170 folders, 2 GiB in /tmp over a few days of benchmarks and tests)."""
+    code = ("import os; from raypipe.benchmarks.ingest import scratch_dir, synthetic_folder as s; "
+            "a = s('photo', 1); assert s('photo', 1) == a; b = scratch_dir('raypipe-bench-'); "
+            "open(os.path.join(b, 'x'), 'w').close(); print(a); print(b); "
+            "print(sum(len(f) for _, _, f in os.walk(a)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.split()
+    assert out[2] == "2"  # one JPEG per class was there while it ran
+    for path in out[:2]:
+        assert not os.path.exists(path), path
 
 
 def test_ingest_rounds_must_be_at_least_one(capsys):

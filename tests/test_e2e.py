@@ -24,6 +24,9 @@ def test_train_job_builtin_two_workers(ray_cluster, cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     run_dir = out / "e2e"
     assert f"run directory: {run_dir}" in proc.stdout
+    # the progress line of each epoch, once (Ray Train's print patch doubled it)
+    first = [line for line in (proc.stdout + proc.stderr).splitlines() if "epoch 1/2: " in line]
+    assert len(first) == 1, first
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["metric"] == "val_auc"
     assert 0.0 <= summary["best_value"] <= 1.0

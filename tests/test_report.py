@@ -114,6 +114,46 @@ def test_report_lists_skipped_files_and_prevalence():
     assert "at epoch ?" in render_report(cfg, {**summary, "best_epoch": None}, [])
 
 
+def _scalars(logdir) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_writes_a_local_run_dir_itself_and_leaves_no_temp_folder(tmp_path, monkeypatch):
+    """A local run directory gets the events as they are written, so a run stopped before
+    ``close`` (a killed worker) leaves them there and nothing in the temp folder."""
+    import tempfile
+
+    from raypipe.report.tensorboard import TensorBoardLogger
+
+    def no_temp(*a, **k):
+        raise AssertionError("a local run directory needs no temporary folder")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temp)
+    tb = TensorBoardLogger(str(tmp_path / "run"))
+    tb.log_epoch(0, {"train_loss": 0.5, "val_auc": 0.75})
+    # not closed: the events of the epoch are already in the run directory
+    assert _scalars(tmp_path / "run" / "tensorboard") == {"loss/train": [0.5], "val/auc": [0.75]}
+    tb.close()
+
+
+def test_tensorboard_copies_events_to_a_uri_and_removes_its_temp_folder(tmp_path):
+    from raypipe.report.tensorboard import TensorBoardLogger
+
+    tb = TensorBoardLogger((tmp_path / "run").as_uri())
+    local = tb.local
+    assert tb.remote and not Path(local).is_relative_to(tmp_path)
+    tb.log_epoch(0, {"train_loss": 0.5})
+    assert _scalars(tmp_path / "run" / "tensorboard") == {"loss/train": [0.5]}
+    tb.log_epoch(1, {"train_loss": 0.25})
+    tb.close()
+    assert _scalars(tmp_path / "run" / "tensorboard") == {"loss/train": [0.5, 0.25]}
+    assert not os.path.exists(local)
+
+
 # ---------------------------------------------------------------- a real run
 
 

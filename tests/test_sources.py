@@ -206,6 +206,38 @@ def test_datasets_are_made_of_those_blocks_in_order(ray_cluster):
 
 
 @pytest.mark.ray
+def test_datasets_are_built_without_a_cpu(ray_cluster):
+    """The file and slot lists are built in the driver without running a task: ``from_arrow``
+    ran one 1-CPU task per block to read their metadata, so with every CPU taken (a search's
+    trials, a training run's workers) building them waited for a free CPU; at a run's start
+    its few dozen tasks took the CPUs and made Ray Data warn that the cluster had none."""
+    import threading
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from raypipe.data.pipeline import _records_dataset, _slots_dataset
+
+    cfg = load_config(None, ["pipeline.blocks=8", "pipeline.block_rows=100"])
+    pool = cfg.pipeline.train
+    records = [Record(f"/x/{i}.png", i % 2, f"k{i}") for i in range(300)]
+    cpus = ray.cluster_resources()["CPU"]
+    every_cpu = placement_group([{"CPU": cpus}])
+    ray.get(every_cpu.ready(), timeout=60)
+    built: list = []
+    thread = threading.Thread(target=lambda: built.extend(
+        [_records_dataset(records, cfg, pool), _slots_dataset(len(records), cfg, pool)]), daemon=True)
+    try:
+        thread.start()
+        thread.join(timeout=30)
+        assert len(built) == 2, "building the datasets waited for a CPU"
+    finally:
+        remove_placement_group(every_cpu)
+        thread.join(timeout=60)
+    assert [ds.count() for ds in built] == [300, 300]
+
+
+@pytest.mark.ray
 def test_the_map_stage_emits_blocks_of_at_most_max_block_mib(ray_cluster, tmp_path):
     """Memory is bounded by the block size, not by how many files a block of the file list
     holds: one input block of 24 files comes out as blocks of about max_block_mib each."""

@@ -15,8 +15,10 @@ helpers the other benchmarks share (image folders, configs, record lists, draini
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -69,12 +71,22 @@ def ensure_ray(args) -> None:
     init_ray(**kwargs)
 
 
+def scratch_dir(prefix: str) -> str:
+    """A new temporary folder, removed when this process exits (synthetic images, a benchmark's
+    run storage): each benchmark run left its own behind, up to a few hundred MiB of checkpoints."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.cache
 def synthetic_folder(kind: str, n_per_class: int = 16, seed: int = 0) -> str:
-    """A temp folder-per-class dataset of realistic JPEGs (smooth structure plus noise)."""
+    """A temp folder-per-class dataset of realistic JPEGs (smooth structure plus noise), made
+    once per process and removed when it exits."""
     from PIL import Image
 
     (w, h), mode = KINDS[kind]
-    root = Path(tempfile.mkdtemp(prefix=f"raypipe-bench-{kind}-"))
+    root = Path(scratch_dir(f"raypipe-bench-{kind}-"))
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     for k, cls in enumerate(("a", "b")):

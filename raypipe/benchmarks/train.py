@@ -14,7 +14,14 @@ import time
 
 import numpy as np
 
-from raypipe.benchmarks.ingest import add_data_arguments, bench_config, cycled, data_root, ensure_ray
+from raypipe.benchmarks.ingest import (
+    add_data_arguments,
+    bench_config,
+    cycled,
+    data_root,
+    ensure_ray,
+    scratch_dir,
+)
 
 
 def _setup(spec: dict):
@@ -84,7 +91,7 @@ def ray_train(spec: dict) -> tuple[list[float], float]:
         ray_train_loop, train_loop_config=spec,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
                                      resources_per_worker={"CPU": spec["threads"]}),
-        run_config=RunConfig(name="bench-overhead", storage_path=tempfile.mkdtemp(prefix="raypipe-bench-")),
+        run_config=RunConfig(name="bench-overhead", storage_path=scratch_dir("raypipe-bench-")),
     )
     result = fit(trainer)
     return list(result.metrics["epoch_times"]), time.perf_counter() - t0
@@ -97,7 +104,7 @@ def data_wait(args) -> dict:
     from raypipe.data.sources import DatasetSplit, discover
     from raypipe.train.trainer import run_training
 
-    storage = tempfile.mkdtemp(prefix="raypipe-bench-")
+    storage = scratch_dir("raypipe-bench-")
     cfg = bench_config(args, data_root(args), [
         f"preprocess.image_size={args.wait_image_size}", f"model.name={args.model}",
         f"train.epochs={args.wait_epochs}",

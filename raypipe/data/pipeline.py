@@ -568,11 +568,19 @@ def _bounded(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
     return ds
 
 
+def _from_tables(tables: list[pa.Table]) -> ray.data.Dataset:
+    """A dataset of exactly these blocks. ``ray.data.from_arrow`` runs one remote task per table
+    (1 CPU each) to read metadata the driver already has: a run's first moment then queued a few
+    dozen of them, which took both CPUs of a small machine for a second and made Ray Data warn,
+    at the validation set's preprocessing, that the cluster had no CPUs and would hang."""
+    return ray.data.from_blocks(tables)
+
+
 def _records_dataset(records: list[Record], cfg: Config, pool: ActorPool) -> ray.data.Dataset:
     """The files in their given order (validation, inference), in :func:`block_spans` blocks."""
     table = _records_table(records)
-    return _bounded(ray.data.from_arrow([table.slice(a, b - a)
-                                         for a, b in block_spans(len(records), cfg, pool) or [(0, 0)]]), cfg)
+    return _bounded(_from_tables([table.slice(a, b - a)
+                                  for a, b in block_spans(len(records), cfg, pool) or [(0, 0)]]), cfg)
 
 
 def slot_spans(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
@@ -620,8 +628,8 @@ def _slots_dataset(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
     file ``epoch_order(n, seed, e)[i]``. So every epoch reads the files in a new order (a full
     shuffle, not just a new block order) while the small first blocks stay first."""
     spans = slot_spans(n, cfg, pool, epochs, world) or [(0, 0)]
-    return _bounded(ray.data.from_arrow([pa.table({"slot": np.arange(a, b, dtype=np.int64)})
-                                         for a, b in spans]), cfg)
+    return _bounded(_from_tables([pa.table({"slot": np.arange(a, b, dtype=np.int64)})
+                                  for a, b in spans]), cfg)
 
 
 _PROCESSORS: dict[str, ImageBatchProcessor] = {}

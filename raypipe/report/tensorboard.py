@@ -1,7 +1,7 @@
 """TensorBoard event files and the per-epoch progress line, written by rank 0 only.
 
-Events are written to a local folder and copied into ``<run dir>/tensorboard`` after every epoch,
-so the same code serves local run directories and object storage (``s3://``, ``gs://``).
+Events go to ``<run dir>/tensorboard``: directly for a local run directory; for object storage
+(``s3://``, ``gs://``) into a temporary local folder that is copied there after every epoch.
 ``tensorboard --logdir <run dir>/tensorboard`` shows the curves.
 """
 
@@ -55,7 +55,10 @@ class TensorBoardLogger:
         from raypipe.data.sources import join_uri
 
         self.dest = join_uri(run_dir, SUBDIR)
-        self.local = tempfile.mkdtemp(prefix="raypipe-tb-")
+        # a local run directory takes the events itself: a temporary folder there was left
+        # behind whenever the run was stopped or its worker killed before close()
+        self.remote = "://" in self.dest
+        self.local = tempfile.mkdtemp(prefix="raypipe-tb-") if self.remote else self.dest
         self.writer = SummaryWriter(log_dir=self.local)
 
     def tap(self, batches: Iterable[dict]) -> Iterator[dict]:
@@ -87,6 +90,8 @@ class TensorBoardLogger:
         self._publish()
 
     def _publish(self) -> None:
+        if not self.remote:
+            return
         from raypipe.report.run_report import publish_dir
 
         try:
@@ -99,7 +104,8 @@ class TensorBoardLogger:
             return
         self.writer.close()
         self._publish()
-        shutil.rmtree(self.local, ignore_errors=True)
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
         self.enabled = False
 
 

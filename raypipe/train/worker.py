@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -320,8 +321,12 @@ def train_func(config: dict) -> None:
         scheduler.step(metrics)
         history.append({**metrics, "val_confusion": confusion})
         tb.log_epoch(epoch, metrics)
-        if rank == 0:  # worker loggers are not configured; stdout reaches the driver's console
-            print(epoch_line(metrics, t.epochs), flush=True)
+        if rank == 0:
+            # worker loggers are not configured; stdout reaches the driver's console. Written,
+            # not printed: Ray Train's print in its workers also logs every line it prints
+            # wherever Ray has wrapped the workers' stdout (it always has), so each came twice
+            sys.stdout.write(epoch_line(metrics, t.epochs) + "\n")
+            sys.stdout.flush()
         _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts, ema)
         gate = facts.get("stop_gate")
         if gate is not None and epoch + 1 < t.epochs:
