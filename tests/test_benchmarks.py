@@ -222,6 +222,18 @@ def test_benchmark_scratch_folders_go_when_the_benchmark_exits():
         assert not os.path.exists(path), path
 
 
+@pytest.mark.ray
+def test_warming_imports_the_stage_in_a_process_per_lane(ray_cluster):
+    """Before the clock each lane's process has what the DataLoader's fork server has."""
+    from raypipe.benchmarks.ingest import warm_cluster
+    from raypipe.config import load_config
+
+    cfg = load_config(None, ["pipeline.train={min_actors: 1, max_actors: 2, cpus_per_actor: 1}"])
+    pids = warm_cluster(cfg.pipeline.train)
+    assert len(pids) == len(set(pids)) == 2, pids  # each lane its own process
+    assert warm_cluster() == []
+
+
 def test_ingest_rounds_must_be_at_least_one(capsys):
     with pytest.raises(SystemExit):
         _job().main(["ingest", "--rounds", "0"])

@@ -44,7 +44,7 @@ def run(args) -> dict:
     ensure_ray(args)
     cfg = training_config(args, data_root(args))
     splits = [split_of(cfg, m * args.images) for m in args.multiples]
-    warm_cluster()
+    warm_cluster(cfg.pipeline.train)
     times: list[list[float]] = [[] for _ in splits]
     images = [0] * len(splits)
     for _ in range(max(1, args.repeats)):  # sizes in turn, so that machine noise hits each alike
