@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from raypipe.cli import exit_with, setup_logging
+from raypipe.cli import exit_with, settle, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_ablation_spec(args.spec, args.spec_overrides + extra)
     out = run_ablation(args.config, args.overrides, spec, overfit=not args.skip_overfit,
                        grid=not args.overfit_only, resume=args.resume)
+    settle()  # the results below are the last lines
     print(f"ablation directory: {out['dir']}")
     if "overfit" in out:
         o = out["overfit"]

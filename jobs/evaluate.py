@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from raypipe.cli import exit_with, init_ray, setup_logging
+from raypipe.cli import exit_with, init_ray, settle, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     summary = evaluate(args.checkpoint, args.data, args.out, use_gpu=False if args.cpu else None)
+    settle()  # the results below are the last lines
     print(f"evaluated {summary['images']} images ({summary['labeled']} labeled) from {summary['data']}")
     m = summary.get("metrics")
     if m:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from raypipe.cli import exit_with, init_ray, load, setup_logging
+from raypipe.cli import exit_with, init_ray, load, settle, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     summary = run_training(cfg)
+    settle()  # the results below are the last lines
     print(f"run directory: {summary['run_dir']}")
     print(f"best {summary['metric']}: {summary['best_value']} at epoch {best_epoch_text(summary)}")
     print(f"best checkpoint: {summary['best_checkpoint']}")

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from raypipe.cli import exit_with, setup_logging
+from raypipe.cli import exit_with, settle, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_tune_spec(args.space, spec_overrides(args))
     best = run_tune(args.config, args.overrides, spec, full=args.full, resume=args.resume,
                     retrain_best=args.retrain_best)
+    settle()  # the results below are the last lines
     print(best["table_markdown"])
     print(f"search directory: {best['search_dir']}")
     print(f"trials: {best['trials']} ({best['failed']} failed, {best['stopped_early']} stopped early, "

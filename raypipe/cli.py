@@ -163,8 +163,10 @@ def fail(main: Callable[[], int]) -> int:
     stop the run cleanly (exit 130) leaving checkpoints and a partial summary to resume from."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
-    owns_ray = not _ray_initialized()  # only a connection this job opened is closed before exit
+    global _OWNS_RAY
+    owns_ray = not _ray_initialized()  # only a connection this job opened is closed
     report = functools.partial(_report, stop_ray=owns_ray)
+    before, _OWNS_RAY = _OWNS_RAY, owns_ray
     try:
         return main()
     except KeyboardInterrupt:
@@ -177,6 +179,8 @@ def fail(main: Callable[[], int]) -> int:
     except _user_errors() as exc:
         report(f"error: {exc}")
         return 1
+    finally:
+        _OWNS_RAY = before
 
 
 def exit_with(main: Callable[[], int]) -> NoReturn:
@@ -198,12 +202,19 @@ def _ray_initialized() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def _report(message: str, stop_ray: bool) -> None:
-    """Print ``message`` last: stop Ray first so that worker logs still streaming to this driver
-    (tracebacks of the failure just reported) do not bury it, and take down Ray's progress bars
-    for good. Those (``tqdm_ray``, drawn by this driver for the data stage) patch ``print`` to
-    redraw themselves after every line, so a run interrupted while one was up ended on a bar,
-    not on its message."""
+# whether the running job opened its own connection to Ray (set by :func:`fail`): only that one is
+# closed before its last lines
+_OWNS_RAY = False
+
+
+def settle() -> None:
+    """Before a job prints its results: what :func:`_report` does before an error, so that the
+    results are the last lines. Ray forwards its workers' logs to the driver as they arrive, and a
+    search's last trial's data stage still had lines on the way after the summary was printed."""
+    _quiet_ray(_OWNS_RAY)
+
+
+def _quiet_ray(stop_ray: bool) -> None:
     if stop_ray and _ray_initialized():
         import ray
 
@@ -215,5 +226,14 @@ def _report(message: str, stop_ray: bool) -> None:
     if bars is not None:
         bars.hide_bars()  # and never shown again: the message is the last thing printed
     sys.stdout.flush()
+
+
+def _report(message: str, stop_ray: bool) -> None:
+    """Print ``message`` last: stop Ray first so that worker logs still streaming to this driver
+    (tracebacks of the failure just reported) do not bury it, and take down Ray's progress bars
+    for good. Those (``tqdm_ray``, drawn by this driver for the data stage) patch ``print`` to
+    redraw themselves after every line, so a run interrupted while one was up ended on a bar,
+    not on its message."""
+    _quiet_ray(stop_ray)
     sys.stderr.write(message + "\n")
     sys.stderr.flush()

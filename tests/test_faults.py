@@ -289,3 +289,46 @@ def test_the_message_stays_last_under_rays_progress_bars(capfd) -> None:
             "total": 120, "unit": "row", "ip": manager.ip, "pid": 1, "uuid": "bar", "closed": True})
         builtins.print = printing
         tqdm_ray._manager = None
+
+
+LATE_LINES_JOB = '''
+import time
+
+from raypipe.cli import exit_with, init_ray, settle
+
+
+def main():
+    init_ray(address="local", num_cpus=1, include_dashboard=False)
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def chatter():
+        for i in range(60):
+            print(f"worker line {i}", flush=True)
+            time.sleep(0.1)
+
+    ref = chatter.remote()  # noqa: F841 - still printing when the results are
+    time.sleep(2.0)
+    settle()
+    print("RESULT")
+    time.sleep(1.5)  # a job's last steps after its results (interpreter and Ray shutdown)
+    return 0
+
+
+exit_with(main)
+'''
+
+
+@pytest.mark.slow
+def test_a_jobs_results_are_its_last_lines(tmp_path) -> None:
+    """Ray forwards its workers' logs to the driver as they come: a search's summary was once
+    followed by its last trial's data-stage lines. A job that started Ray stops it before
+    printing its results, so nothing follows them."""
+    script = tmp_path / "job.py"
+    script.write_text(LATE_LINES_JOB)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker line 0" in proc.stdout  # the worker's lines did reach the driver
+    assert proc.stdout.strip().splitlines()[-1] == "RESULT", proc.stdout[-1500:]
