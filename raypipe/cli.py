@@ -164,9 +164,8 @@ def fail(main: Callable[[], int]) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
     global _OWNS_RAY
-    owns_ray = not _ray_initialized()  # only a connection this job opened is closed
-    report = functools.partial(_report, stop_ray=owns_ray)
-    before, _OWNS_RAY = _OWNS_RAY, owns_ray
+    before, _OWNS_RAY = _OWNS_RAY, not _ray_initialized()  # only a connection it opened is closed
+    report = functools.partial(_report, stop_ray=_OWNS_RAY)
     try:
         return main()
     except KeyboardInterrupt:

@@ -299,7 +299,7 @@ def warm_cluster(pool=None) -> list[int]:
     processes imports the per-image modules too, as the DataLoader's fork server has
     (:func:`loader_context`). The pipeline's datasets were once built with ``from_arrow``, whose
     metadata tasks happened to import Ray Data in every lane's process before the clock; without
-    them the first round's first batch took 0.53-0.56 s instead of 0.25 s. Returns the processes
+    them the first round's first batch took 0.55-0.59 s instead of 0.23-0.24 s. Returns the processes
     (pids) that did."""
     import ray
     import torch  # noqa: F401
