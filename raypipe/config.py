@@ -175,7 +175,10 @@ class TrainConfig(_Section):
     use_gpu: bool | Literal["auto"] = "auto"
     gpus_per_worker: float = Field(1.0, gt=0.0)
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: float | None = Field(
+        None, ge=0.0, lt=1.0, description="SGD's and RMSprop's momentum; None = each one's usual "
+        "value: 0.9 for SGD, 0 for RMSprop (with 0.9, RMSprop's early steps are about 25x the "
+        "learning rate and a small run diverges)")
     nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0.0)
     schedule: Literal["none", "step", "multistep", "exponential", "cosine", "plateau", "onecycle"] = (

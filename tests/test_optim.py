@@ -7,7 +7,7 @@ import torch
 from torch.optim import lr_scheduler as sched
 
 from raypipe.config import ConfigError, TrainConfig, load_config
-from raypipe.train.optim import EpochScheduler, build_optimizer
+from raypipe.train.optim import EpochScheduler, build_optimizer, momentum_of
 
 EPOCHS = 9
 BASE = dict(lr=0.1, epochs=EPOCHS, step_size=2, gamma=0.5, milestones=[3, 5], plateau_patience=1)
@@ -158,7 +158,7 @@ def test_each_optimizer_selectable_from_config(name, cls):
     group = opt.param_groups[0]
     assert group["lr"] == 0.02 and group["weight_decay"] == 0.001
     if name in ("sgd", "rmsprop"):
-        assert group["momentum"] == cfg.train.momentum
+        assert group["momentum"] == momentum_of(cfg.train)
     # it really optimises: a quadratic bowl goes down
     p = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
     opt = build_optimizer([p], cfg.train.model_copy(update={"lr": 0.05}))
@@ -168,6 +168,35 @@ def test_each_optimizer_selectable_from_config(name, cls):
         (p ** 2).sum().backward()
         opt.step()
     assert float((p.detach() ** 2).sum()) < start
+
+
+def test_momentum_defaults_to_each_optimisers_own():
+    # SGD's 0.9 made RMSprop's early steps ~25x its learning rate: every RMSprop trial of the
+    # default search diverged to constant predictions (val AUC 0.5)
+    assert build_optimizer(_params(), TrainConfig(optimizer="sgd")).param_groups[0]["momentum"] == 0.9
+    assert build_optimizer(_params(), TrainConfig(optimizer="rmsprop")).param_groups[0]["momentum"] == 0.0
+    # a momentum the user sets is used as given, by either optimiser
+    for name in ("sgd", "rmsprop"):
+        cfg = TrainConfig(optimizer=name, momentum=0.5)
+        assert build_optimizer(_params(), cfg).param_groups[0]["momentum"] == 0.5
+    # and a config written with `momentum: null` loads back to the same choice
+    cfg = load_config(None, ["train.optimizer=rmsprop", "train.momentum=null"])
+    assert cfg.train.momentum is None and momentum_of(cfg.train) == 0.0
+
+
+def test_rmsprop_defaults_take_steps_near_the_learning_rate():
+    # the size of the early steps is what blew up: with momentum 0.9 the 8th step moves each
+    # weight 25x the learning rate; with RMSprop's own default it is 3x (10x at the first step)
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(1000))
+    opt = build_optimizer([p], TrainConfig(optimizer="rmsprop", lr=1e-3, weight_decay=0.0))
+    for _ in range(8):
+        before = p.detach().clone()
+        opt.zero_grad()
+        p.grad = torch.randn(1000).abs()  # a consistent direction, as early in training
+        opt.step()
+    step = (p.detach() - before).abs().mean() / 1e-3
+    assert step < 10, f"the 8th step moved each weight {step:.0f}x the learning rate"
 
 
 def test_sgd_nesterov():
