@@ -175,9 +175,12 @@ def max_concurrent_trials(cfgs: list[Config], resources: dict[str, float],
 
 
 def build_tuner(job: SearchJob, space: dict[str, Any], *, num_samples: int, concurrency: int,
-                scheduler=None, search_alg=None, resume: bool = False):
-    """A ``tune.Tuner`` for ``job``; with ``resume`` and an existing search, restored from it."""
+                scheduler=None, search_alg=None, seed: int | None = None, resume: bool = False):
+    """A ``tune.Tuner`` for ``job``; with ``resume`` and an existing search, restored from it.
+    Without a ``search_alg``, grid and random search draw their points seeded by ``seed``
+    (None: new draws each search)."""
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from raypipe.data.sources import get_filesystem
 
@@ -191,6 +194,9 @@ def build_tuner(job: SearchJob, space: dict[str, Any], *, num_samples: int, conc
         log.info("resuming search %s", job.search_dir)
         return tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False, storage_filesystem=fs)
+    if search_alg is None:  # Tune's own default, plus the seed (it then takes the limit itself)
+        search_alg = BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
+        concurrency = None
     return tune.Tuner(
         trainable,
         param_space=space,

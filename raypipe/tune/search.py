@@ -80,7 +80,7 @@ def _search_alg(spec: TuneSpec):
             "search: optuna needs the optuna package (pip install optuna); or use search: random "
             "or search: grid, which need nothing extra."
         ) from None
-    return OptunaSearch()
+    return OptunaSearch(seed=spec.seed)
 
 
 def run_tune(config: str | None, overrides: list[str], spec: TuneSpec, *, full: bool = False,
@@ -102,7 +102,8 @@ def run_tune(config: str | None, overrides: list[str], spec: TuneSpec, *, full: 
     scheduler = drv.asha(job, spec.scheduler, epochs) if job.early_stopping else None
     tuner = drv.build_tuner(job, param_space(spec), num_samples=spec.num_samples,
                             concurrency=_concurrency(cfgs, spec.max_concurrent_trials),
-                            scheduler=scheduler, search_alg=search_alg, resume=resume or bool(spec.name))
+                            scheduler=scheduler, search_alg=search_alg, seed=spec.seed,
+                            resume=resume or bool(spec.name))
     grid = tuner.fit()
     rows = drv.trial_rows(grid, spec.metric, spec.mode, max_epochs=epochs, runs_dir=job.runs_dir)
     best = drv.write_search_outputs(job, rows, spec.metric)

@@ -38,6 +38,8 @@ class TuneSpec(_Section):
     storage_path: str | None = Field(None, description="None: the base config's run.storage_path")
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random: trials")
+    seed: int | None = Field(0, description="random/optuna: the same seed draws the same trials; "
+                             "None = new draws every search")
     metric: Literal["val_auc", "val_loss", "val_acc", "val_balanced_acc", "val_pr_auc", "val_f1",
                     "train_loss"] = "val_auc"
     mode: Literal["max", "min"] = "max"
