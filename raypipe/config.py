@@ -152,6 +152,14 @@ class PipelineConfig(_Section):
         "prefetch_next_epoch started while the epoch before validates). Falls back to one "
         "execution per epoch where the cluster cannot hold the training and validation pools "
         "at once (README, Performance)")
+    deterministic: bool = Field(
+        True, description="the same config gives the same run: blocks reach the training "
+        "workers in file-list order (Ray Data's preserve_order), so which images each worker's "
+        "batches hold does not depend on which task finished first (and on a GPU cuDNN uses "
+        "deterministic kernels). false: blocks go out as their tasks finish, and on several "
+        "nodes preferably to a worker on the node that made them, which may help a large pool "
+        "where one slow block holds up those behind it; on 2 CPUs no difference in speed was "
+        "measured (README, Ablation and tuning)")
     one_execution_max_rows: int = Field(
         4_000_000, ge=1, description="with one_execution, at most this many rows (epochs x "
         "training files) per execution: a longer run streams through one execution per "

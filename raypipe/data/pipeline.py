@@ -841,9 +841,15 @@ def configure_data_context(show_progress: bool = True) -> None:
     ctx.enable_operator_progress_bars = False  # one bar per dataset; per-operator bars flood logs
 
 
-def dataset_config():
+def dataset_config(deterministic: bool = True):
     """Split ``train`` into equal shards (every DDP worker takes the same number of steps) and
-    ``val`` into uneven ones, so that no validation image is dropped before the metrics."""
+    ``val`` into uneven ones, so that no validation image is dropped before the metrics.
+
+    ``deterministic``: blocks leave the map stage in file-list order. Otherwise they leave as
+    their tasks finish, and Ray Data's splitter hands each block to the worker that has
+    received the fewest rows so far, so which images share a worker's batch (and its BatchNorm
+    statistics) changes from run to run: four identical search trials gave val AUC 0.86–0.94
+    that way, and 0.915 each in order."""
     from ray.train import DataConfig
 
     class _Config(DataConfig):
@@ -853,6 +859,8 @@ def dataset_config():
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
+                if deterministic:  # (locality hints are then ignored by Ray Data)
+                    ds.context.execution_options.preserve_order = True
                 splits = ds.streaming_split(world_size, equal=(name != "val"), locality_hints=hints)
                 for i, s in enumerate(splits):
                     out[i][name] = s

@@ -326,7 +326,7 @@ def build_trainer(
             callbacks=callbacks or [],
         ),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=pipeline.dataset_config(),
+        dataset_config=pipeline.dataset_config(cfg.pipeline.deterministic),
     )
     return trainer, ledger, clock
 

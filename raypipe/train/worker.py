@@ -210,6 +210,8 @@ def train_func(config: dict) -> None:
     torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
+    if cfg.pipeline.deterministic and device.type == "cuda":  # cuDNN's fastest kernels may not be
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     model = create_model(
         cfg.model.name, in_channels=cfg.preprocess.channels,
