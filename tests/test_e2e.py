@@ -27,6 +27,8 @@ def test_train_job_builtin_two_workers(ray_cluster, cache_dir, tmp_path):
     # the progress line of each epoch, once (Ray Train's print patch doubled it)
     first = [line for line in (proc.stdout + proc.stderr).splitlines() if "epoch 1/2: " in line]
     assert len(first) == 1, first
+    # and not Ray Train's own line per report per worker, the whole metrics dict in each
+    assert "Reporting training result" not in proc.stdout + proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["metric"] == "val_auc"
     assert 0.0 <= summary["best_value"] <= 1.0

@@ -200,8 +200,21 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def quiet_report_log() -> None:
+    """Ray Train logs every ``ray.train.report`` at INFO, from every worker: a line of several
+    hundred characters holding the whole metrics dict, two per epoch of a two-worker run. Rank 0
+    already prints the epoch's line and the history keeps every value, so only warnings of that
+    logger (named after its file) are kept."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train: leave its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_func(config: dict) -> None:
     """``train_loop_per_worker``. ``config``: {"cfg": resolved config dict, "meta": run facts}."""
+    quiet_report_log()
     cfg = Config.model_validate(config["cfg"])
     facts = config["meta"]
     t = cfg.train
