@@ -11,7 +11,7 @@ from raypipe.config import TrainConfig
 # Keras's default): its squared-gradient average starts at zero, so its first step moves each
 # weight 10x the learning rate; without momentum the steps shrink from there (3x by the 8th),
 # with 0.9 they grow to 25x and stay there for dozens of steps. With SGD's 0.9 every RMSprop
-# trial of the default search diverged (val AUC 0.5 at lr 0.1, 0.01 and 0.001).
+# trial of the default search diverged (val AUC 0.5 at lr 0.01 and 0.001).
 DEFAULT_MOMENTUM = {"sgd": 0.9, "rmsprop": 0.0}
 
 
