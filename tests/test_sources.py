@@ -237,9 +237,11 @@ def test_datasets_are_built_without_a_cpu(ray_cluster):
     assert [ds.count() for ds in built] == [300, 300]
 
 
-def _rows_per_worker(deterministic: bool, first_block_slow: bool) -> list[list[int]]:
-    """Split a mapped dataset of 8 blocks between two consumers as a training run does, with
-    the first block's task finishing after the others or not; returns each consumer's rows."""
+def _rows_per_worker(deterministic: bool, first_block_last: bool, flags) -> list[list[int]]:
+    """Split a mapped dataset of 8 blocks between two consumers as a training run does; with
+    ``first_block_last`` the first block's task waits until block 1's task has finished (a flag
+    file in ``flags``), so it is not the first to come out of the map stage. Returns each
+    consumer's rows."""
     import threading
     import time
 
@@ -247,9 +249,16 @@ def _rows_per_worker(deterministic: bool, first_block_slow: bool) -> list[list[i
 
     from raypipe.data.pipeline import dataset_config
 
+    flags.mkdir(parents=True, exist_ok=True)
+
     def work(batch):
         block = int(batch["id"][0]) // 4
-        time.sleep(3.0 if first_block_slow and block == 0 else 0.0)
+        if first_block_last and block == 0:
+            deadline = time.monotonic() + 60
+            while not (flags / "1").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # block 1's output reaches the splitter first
+        (flags / str(block)).touch()
         return batch
 
     ds = ray.data.range(32, override_num_blocks=8).map_batches(work, batch_size=None, num_cpus=0.25)
@@ -272,18 +281,19 @@ def _rows_per_worker(deterministic: bool, first_block_slow: bool) -> list[list[i
 
 @pytest.mark.ray
 def test_a_deterministic_pipeline_gives_each_worker_the_same_rows_whichever_task_ends_first(
-        ray_cluster):
+        ray_cluster, tmp_path):
     """Without order, Ray Data's splitter hands each block to the worker with the fewest rows
     as the blocks arrive, so which images share a worker's batches follows the tasks' finishing
     order: four identical search trials gave val AUC 0.86-0.94. ``deterministic`` (the
     default) sends blocks out in file-list order."""
-    in_order = _rows_per_worker(True, first_block_slow=False)
-    # blocks of 4 rows, handed out alternately: worker 0 gets blocks 0, 2, 4, 6 in that order
-    assert in_order == [[r for b in (0, 2, 4, 6) for r in range(4 * b, 4 * b + 4)],
-                        [r for b in (1, 3, 5, 7) for r in range(4 * b, 4 * b + 4)]]
-    assert _rows_per_worker(True, first_block_slow=True) == in_order
-    # the setting is what does it: unordered, a slow first block changes who gets what
-    assert _rows_per_worker(False, first_block_slow=True) != in_order
+    # blocks of 4 rows, handed out alternately: worker 0 gets blocks 0, 2, 4, 6 in that order,
+    # although block 0 comes out of its task after block 1
+    in_order = [[r for b in (0, 2, 4, 6) for r in range(4 * b, 4 * b + 4)],
+                [r for b in (1, 3, 5, 7) for r in range(4 * b, 4 * b + 4)]]
+    assert _rows_per_worker(True, first_block_last=True, flags=tmp_path / "a") == in_order
+    # the setting is what does it: unordered, worker 0 starts with whichever block came first
+    unordered = _rows_per_worker(False, first_block_last=True, flags=tmp_path / "b")
+    assert unordered[0][:4] != [0, 1, 2, 3] and unordered != in_order
 
 
 @pytest.mark.ray
