@@ -89,6 +89,24 @@ def test_random_search_draws_the_same_trials_for_the_same_seed(tmp_path):
     assert draws(None) != draws(None)
 
 
+def test_asha_is_warned_off_judging_trials_in_their_warm_up():
+    from raypipe.tune.driver import grace_warning
+    from raypipe.tune.space import SchedulerSpec
+
+    shipped = load_tune_spec("tune.yaml", [])
+    trial = load_config(None, shipped.trial_overrides)
+    assert trial.train.warmup_epochs == 1 and shipped.scheduler.grace_period == 2
+    assert grace_warning(shipped.scheduler, trial.train.warmup_epochs, trial.train.epochs) is None
+    early = SchedulerSpec(grace_period=1)
+    msg = grace_warning(early, 1, 4)
+    assert "scheduler.grace_period=1" in msg and "train.warmup_epochs=1" in msg
+    assert "--set scheduler.grace_period=2" in msg
+    assert grace_warning(SchedulerSpec(grace_period=2), 2, 4) is not None
+    assert grace_warning(SchedulerSpec(type="none", grace_period=1), 1, 4) is None
+    assert grace_warning(early, 1, 1) is None  # one epoch: no rung, nothing stopped early
+    assert grace_warning(early, 0, 4) is None
+
+
 def test_spec_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("space:\n  train.lr: {logunifrom: [0.001, 0.1]}\n")
@@ -184,7 +202,8 @@ def _wait_for_cpus(expected: float, timeout: float = 60.0) -> float:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_grid_with_asha_stops_a_bad_trial_fails_a_diverging_one_and_resumes(ray_cluster, tmp_path):
+def test_grid_with_asha_stops_a_bad_trial_fails_a_diverging_one_and_resumes(ray_cluster, tmp_path,
+                                                                            caplog):
     from raypipe.tune.search import run_tune
 
     # ASHA's verdicts are Tune's; what is tested is that they are carried out, so the verdict
@@ -200,7 +219,10 @@ def test_grid_with_asha_stops_a_bad_trial_fails_a_diverging_one_and_resumes(ray_
                  mode="min", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                  trial_overrides=["train.epochs=3"],
                  space={"arm": list(arms)}, presets={"arm": arms})
-    best = run_tune(None, SMALL, spec)
+    with caplog.at_level("WARNING", logger="raypipe.tune.search"):
+        best = run_tune(None, SMALL, spec)
+    # grace period 1 with the base config's warm-up epoch: the user is told
+    assert "scheduler.grace_period=1" in caplog.text and "warming up" in caplog.text
     table = _read_csv(tmp_path / "asha" / "results.csv")
     assert len(table) == 3 and best["trials"] == 3
     rows = {r["arm"]: r for r in table}

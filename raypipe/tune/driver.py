@@ -229,6 +229,21 @@ def asha(job: SearchJob, spec_scheduler, epochs: int):
     )
 
 
+def grace_warning(spec_scheduler, warmup_epochs: int, epochs: int) -> str | None:
+    """What to tell the user when ASHA's first rung falls inside the trials' learning-rate
+    warm-up: the trials are then ranked on epochs trained at a fraction of their learning rate,
+    and one slow to start is stopped for it (the default search lost its best trial that way)."""
+    if spec_scheduler.type != "asha" or spec_scheduler.grace_period > warmup_epochs:
+        return None
+    if spec_scheduler.grace_period >= (spec_scheduler.max_t or epochs):
+        return None  # no rung before the last epoch: nothing is stopped early
+    return (f"scheduler.grace_period={spec_scheduler.grace_period}: ASHA may stop trials after epoch "
+            f"{spec_scheduler.grace_period}, while their learning rate is still warming up "
+            f"(train.warmup_epochs={warmup_epochs}); set scheduler.grace_period to at least "
+            f"{warmup_epochs + 1} (--set scheduler.grace_period={warmup_epochs + 1}) so that trials "
+            "are judged at their own learning rate")
+
+
 # ---------------------------------------------------------------- results
 
 

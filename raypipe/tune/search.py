@@ -97,6 +97,9 @@ def run_tune(config: str | None, overrides: list[str], spec: TuneSpec, *, full: 
                     early_stopping=spec.scheduler.type == "asha")
     cfgs = drv.check_trial_configs(job, example_points(spec))
     epochs = cfgs[0].train.epochs
+    if warning := drv.grace_warning(spec.scheduler, max(c.train.warmup_epochs for c in cfgs),
+                                     epochs):
+        log.warning(warning)
     search_alg = _search_alg(spec)
     init_ray()
     scheduler = drv.asha(job, spec.scheduler, epochs) if job.early_stopping else None

@@ -25,7 +25,9 @@ class _Section(BaseModel):
 
 class SchedulerSpec(_Section):
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it may be stopped")
+    grace_period: int = Field(2, ge=1, description="epochs every trial runs before it may be stopped; "
+                              "more than the trials' train.warmup_epochs, or ASHA judges them "
+                              "while their learning rate is still rising")
     reduction_factor: float = Field(2.0, gt=1.0)
     max_t: int | None = Field(None, ge=1, description="None: the trials' train.epochs")
 
