@@ -106,7 +106,7 @@ class ActorPool(_Section):
     batch_size: int = Field(
         32, ge=1, description="files per part, at least: the stage takes whole blocks of the "
         "file list and processes them in parts of as many files as fill one max_block_mib "
-        "block, so that each part leaves the stage in one piece (README, Performance); and the "
+        "block, so that each part leaves the stage in one piece (docs/performance-log.md); and the "
         "size of the first, small blocks of the file list")
     compute: Literal["auto", "actors", "tasks"] = Field(
         "auto", description="actors: a pool of long-lived processes per epoch; tasks: stateless "
@@ -129,12 +129,12 @@ class PipelineConfig(_Section):
     block_rows: int = Field(
         512, ge=1, description="and into blocks of at most this many files, so that every actor "
         "of a large pool gets work; smaller blocks give an earlier first batch but lower steady "
-        "throughput (README, Performance)")
+        "throughput (docs/performance-log.md)")
     max_block_mib: float = Field(
         16, gt=0, description="preprocessed batches leave the map stage in blocks of at most "
         "about this many MiB (Ray Data's default is 128). Each block in flight is held in the "
         "object store and by its consumer, so this bounds the pipeline's memory whatever the "
-        "dataset size or block_rows (README, Performance)")
+        "dataset size or block_rows (docs/performance-log.md)")
     prefetch_batches: int = Field(2, ge=0)
     cache_val_mb: float = Field(
         512, ge=0, description="a validation set whose preprocessed tensors fit in this many MiB "
@@ -151,7 +151,7 @@ class PipelineConfig(_Section):
         "stream into epochs by row count. false: one execution per epoch (with "
         "prefetch_next_epoch started while the epoch before validates). Falls back to one "
         "execution per epoch where the cluster cannot hold the training and validation pools "
-        "at once (README, Performance)")
+        "at once (docs/performance-log.md)")
     deterministic: bool = Field(
         True, description="the same config gives the same run: blocks reach the training "
         "workers in file-list order (Ray Data's preserve_order), so which images each worker's "

@@ -354,7 +354,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray Data tasks (or actors) per CPU of the stage, each with 1/k CPU (the "
                         "shipped configs give each 0.5 CPU). 2 lanes per CPU hide Ray Data's "
                         "scheduling gaps on epochs of thousands of images and cost on small ones "
-                        "(README, Performance). The DataLoader keeps one worker per CPU, its "
+                        "(docs/performance-log.md). The DataLoader keeps one worker per CPU, its "
                         "fastest setting here")
     p.add_argument("--one-execution", choices=["true", "false"], default="true",
                    help="pipeline.one_execution: every epoch through one Ray Data execution, as "

@@ -56,7 +56,7 @@ IDLE_WAIT_S = 0.1
 
 class PromptScheduling(ExecutionCallback):
     """Takes out two fixed waits of Ray Data's (2.60) streaming executor that made a 512-image
-    epoch on 2 CPUs take 1.2-1.3 s instead of 0.9 s (README, Performance: fifteenth session).
+    epoch on 2 CPUs take 1.2-1.3 s instead of 0.9 s (docs/performance-log.md, entry 15).
     Registered on every dataset built here (:func:`_bounded`), so it runs in whichever process
     runs their executions: the driver, or Ray Train's split coordinator.
 
@@ -78,7 +78,7 @@ class PromptScheduling(ExecutionCallback):
       first :data:`EAGER_LIMITS_S`, while its limits are asked for again), for every execution of
       the process. The fixed 0.01 s wait stepped about 85 times a second whatever happened,
       0.11-0.12 of the driver's cores on 2 CPUs; waking on output steps 33-39 times a second,
-      0.06-0.07 cores (README, Performance: nineteenth session).
+      0.06-0.07 cores (docs/performance-log.md, entry 19).
 
     Both reach into Ray internals; where a Ray version lacks them nothing changes and a warning
     says so (a test checks that they apply to this Ray).
@@ -113,7 +113,7 @@ def expire_stale_shares() -> bool:
     asked for them, and an execution renews its ask every 10 s. When a process dies in the
     middle of an execution (a training worker or the driver killed, a job stopped), its share
     was kept for 180 s: every execution started in the next three minutes ran on half the CPUs
-    (README, Performance: twentieth session). Here the asks of this process's executions expire
+    (docs/performance-log.md, entry 20). Here the asks of this process's executions expire
     after :data:`RESERVATION_EXPIRE_S` instead, three renewals, with either of Ray Data's
     cluster autoscalers (the rate-based default and ``V2``); where
     ``RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S`` is set, it is left as set.
@@ -214,7 +214,7 @@ def prefetch_ready_blocks(ref_bundles: Iterator[Any], prefetcher: Any, num_batch
     every execution the window is short, so each block waited for the one after it: with the
     default 2 batches of 32 rows, the first batch of an epoch waited for a third block (the first
     two, one per lane, end together; the third is a full one) and came 0.45-0.6 s after the
-    start instead of 0.3 s (README, Performance: nineteenth session). Installed by
+    start instead of 0.3 s (docs/performance-log.md, entry 19). Installed by
     :func:`torch_batches` in the process that iterates (the driver, a training worker).
     """
     if num_batches_to_prefetch <= 0 or batch_size is None:  # no window: Ray's as it is
@@ -416,7 +416,7 @@ class ImageBatchProcessor:
     def _epoch(self) -> int:
         """The clock's epoch, read once per Ray task rather than once per batch: one clock actor
         serves every data worker of the cluster, and a call per batch of 32 files was up to 4 %
-        of a 2-CPU stage's time (README, Performance). A task belongs to one epoch's execution,
+        of a 2-CPU stage's time (docs/performance-log.md). A task belongs to one epoch's execution,
         and the training workers move the clock only between executions (after a barrier), so
         every batch of a task has the same epoch. An actor's calls are tasks of their own: they
         read it every time."""
@@ -506,7 +506,7 @@ class ImageBatchProcessor:
         """The batch's output (images ``(rows, C, H, W)`` float32, labels), filled image by image
         as each is made, while it is still in the CPU's cache: collecting a batch's images and
         stacking them at the end read every one back from memory, 3-5 % of a data worker's CPU
-        time (README, Performance: sixteenth session). Unreadable files leave rows unused."""
+        time (docs/performance-log.md, entry 16). Unreadable files leave rows unused."""
         c, s = self.pre.cfg.channels, self.pre.cfg.image_size
         return np.empty((rows, c, s, s), np.float32), np.empty(rows, np.int64)
 
@@ -605,7 +605,7 @@ def slot_spans(n: int, cfg: Config, pool: ActorPool, epochs: int = 1,
         return first
     later = block_spans(m, cfg, pool, world, big, ramp=False)
     # the run's last blocks small again, so that every lane stays busy to the end: with a block
-    # of `big` rows last, the other lanes idled while it ran (README, Performance)
+    # of `big` rows last, the other lanes idled while it ran (docs/performance-log.md)
     last = reversed_spans(block_spans(m, cfg, pool, world, big))
     return first + [(e * n + a, e * n + b) for e in range(1, epochs)
                     for a, b in (last if e == epochs - 1 else later)]
@@ -687,7 +687,7 @@ def call_rows(cfg: Config, pool: ActorPool) -> int:
     passes ``pipeline.max_block_mib`` and leaves the stage as a block of its own. A block made of
     several parts is several chunks, and a consumer taking batches from it copied the whole
     block into one first (Ray Data's batcher): over a quarter of the driver's CPU in a 2-CPU run
-    (README, Performance: eighteenth session). The stage takes whole input blocks and cuts them
+    (docs/performance-log.md, entry 18). The stage takes whole input blocks and cuts them
     itself (:func:`in_parts`): ``map_batches(batch_size=k)`` also joins input blocks into bundles
     of ``k`` rows, which would undo the small first blocks and mix epochs in one block."""
     p = cfg.preprocess

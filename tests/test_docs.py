@@ -1,0 +1,57 @@
+"""The documentation's cross-references resolve: relative links in the Markdown files point at files
+and headings that exist, and the code's citations of the performance log name entries it has."""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", ROOT / "cluster" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LOG = ROOT / "docs" / "performance-log.md"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(md: Path) -> set[str]:
+    return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", md.read_text(), re.M)}
+
+
+def relative_links(md: Path) -> list[str]:
+    links = re.findall(r"\]\(([^)\s]+)\)", md.read_text())
+    return [link for link in links if not re.match(r"[a-z]+://|mailto:", link)]
+
+
+def test_slug_follows_githubs_rule():
+    assert slug("Results on real images") == "results-on-real-images"
+    assert slug("Entry 15 (2026-12-03): two fixed waits in Ray Data's scheduler") == (
+        "entry-15-2026-12-03-two-fixed-waits-in-ray-datas-scheduler")
+
+
+@pytest.mark.parametrize("md", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(md):
+    broken = []
+    for link in relative_links(md):
+        path, _, anchor = link.partition("#")
+        target = (md.parent / path).resolve() if path else md
+        if not target.exists():
+            broken.append(f"{link}: no file {target}")
+        elif anchor and target.suffix == ".md" and anchor not in anchors(target):
+            broken.append(f"{link}: no heading with anchor #{anchor} in {target.name}")
+    assert not broken, f"{md.relative_to(ROOT)}: broken links:\n" + "\n".join(broken)
+
+
+def test_code_cites_only_entries_the_performance_log_has():
+    headings = re.findall(r"^## Entr(?:y|ies) (\d+)(?: and (\d+))?", LOG.read_text(), re.M)
+    entries = {int(n) for pair in headings for n in pair if n}
+    assert {1, 15, 22} <= entries
+    cited = []
+    for path in [*ROOT.glob("raypipe/**/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("configs/*.yaml")]:
+        for m in re.finditer(r"performance-log\.md, entry (\d+)", path.read_text()):
+            cited.append((path.relative_to(ROOT), int(m.group(1))))
+    assert cited, "no code cites the performance log: the pattern above no longer matches"
+    missing = [f"{p}: entry {n}" for p, n in cited if n not in entries]
+    assert not missing, "cited entries the log does not have: " + ", ".join(missing)
