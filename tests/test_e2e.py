@@ -37,6 +37,12 @@ def test_train_job_builtin_two_workers(ray_cluster, cache_dir, tmp_path):
     assert summary["data"]["class_names"] == ["face", "not_face"]
     assert summary["data"]["train_total"] + summary["data"]["val_total"] == 200
     assert summary["wall_time_s"] > 0
+    # the built-in dataset is balanced, so inverse prevalence weighs both classes 1
+    assert summary["loss"] == "weighted_ce"
+    assert summary["class_weights"] == {"face": 1.0, "not_face": 1.0}
+    assert ("loss: weighted_ce, class weights face 1, not_face 1 (inverse prevalence of the 160 "
+            "training files)") in proc.stdout + proc.stderr
+    assert "Loss: weighted_ce, class weights face 1" in (run_dir / "report.md").read_text()
     assert (run_dir / "config.yaml").is_file()
     ckpt = summary["best_checkpoint"]
     state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu", weights_only=True)

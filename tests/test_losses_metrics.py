@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from raypipe.train.losses import FocalLoss, build_loss, inverse_prevalence_weights
+from raypipe.train.losses import (
+    FocalLoss,
+    build_loss,
+    inverse_prevalence_weights,
+    loss_facts,
+    loss_text,
+)
 from raypipe.train.metrics import classification_metrics, softmax
 
 # ---------------------------------------------------------------- losses
@@ -27,6 +33,23 @@ def test_inverse_prevalence_weights_from_counts():
     # each class then carries the same total weight: n_k * w_k = N / K
     assert [c * x for c, x in zip([90, 9, 1], w, strict=True)] == pytest.approx([100 / 3] * 3)
     assert inverse_prevalence_weights([4, 0]) == [0.5, 0.0]
+
+
+def test_a_run_says_what_its_loss_weighs():
+    """The log line, summary.json and report.md name the loss and each class's weight."""
+    names, counts = ["NORMAL", "PNEUMONIA"], [102, 17]
+    facts = loss_facts("weighted_ce", names, counts, None)
+    assert facts["loss"] == "weighted_ce"
+    assert facts["class_weights"] == pytest.approx({"NORMAL": 119 / 204, "PNEUMONIA": 119 / 34})
+    assert loss_text(facts) == ("weighted_ce, class weights NORMAL 0.583, PNEUMONIA 3.5 "
+                                "(inverse prevalence of the 119 training files)")
+    given = loss_facts("focal", names, counts, [1.0, 4.0])
+    assert given["class_weights"] == {"NORMAL": 1.0, "PNEUMONIA": 4.0}
+    assert loss_text(given).endswith("(train.class_weights)")
+    # plain cross-entropy ignores the weights, so none are claimed
+    plain = loss_facts("ce", names, counts, None)
+    assert plain["class_weights"] is None and plain["class_weights_from"] is None
+    assert loss_text(plain) == "ce, unweighted"
 
 
 def _nll(logits: np.ndarray, y: np.ndarray) -> np.ndarray:

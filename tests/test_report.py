@@ -112,6 +112,11 @@ def test_report_lists_skipped_files_and_prevalence():
     # the best epoch counted from 1, as the per-epoch log lines count it ("epoch 4/4")
     assert "Best val_auc = 0.9 at epoch 4/4 (checkpoint `/x/r1/checkpoint_epoch0003`)" in text
     assert "at epoch ?" in render_report(cfg, {**summary, "best_epoch": None}, [])
+    assert "Loss:" not in text  # a summary from before the loss was recorded
+    weighted = {**summary, "loss": "weighted_ce", "class_weights": {"a": 2 / 3, "b": 2.0},
+                "class_weights_from": "inverse prevalence of the 40 training files"}
+    assert ("Loss: weighted_ce, class weights a 0.667, b 2 (inverse prevalence of the 40 "
+            "training files).") in render_report(cfg, weighted, [])
 
 
 def _scalars(logdir) -> dict[str, list[float]]:

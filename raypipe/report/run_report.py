@@ -62,6 +62,8 @@ def best_epoch_text(summary: dict) -> str:
 
 def render_report(cfg: Config, summary: dict, pictures: list[str]) -> str:
     """``report.md``'s text from the run's config and ``summary.json`` content."""
+    from raypipe.train.losses import loss_text  # torch: only where a report is written
+
     data = summary.get("data", {})
     best = summary.get("best_metrics", {})
     skipped = summary.get("skipped", [])
@@ -78,6 +80,7 @@ def render_report(cfg: Config, summary: dict, pictures: list[str]) -> str:
         f"Source: `{data.get('source')}`; classes {data.get('class_names')}. Files found "
         f"{data.get('files_found')}, used {data.get('files_used')}, skipped {data.get('files_skipped')}.",
         "", *_split_table(data), "",
+        *([f"Loss: {loss_text(summary)}.", ""] if "loss" in summary else []),
         "## Skipped files", "",
     ]
     if skipped:

@@ -14,6 +14,27 @@ def inverse_prevalence_weights(counts: list[int]) -> list[float]:
     return [total / (k * c) if c > 0 else 0.0 for c in counts]
 
 
+def loss_facts(kind: str, class_names: list[str], counts: list[int],
+               class_weights: list[float] | None) -> dict:
+    """What a run's loss weighs, for the log, ``summary.json`` and ``report.md``: the loss, its
+    per-class weights (``None`` for ``ce``, which ignores them) and where they come from."""
+    uses = kind != "ce"
+    weights = class_weights or inverse_prevalence_weights(counts)
+    source = ("train.class_weights" if class_weights
+              else f"inverse prevalence of the {sum(counts)} training files")
+    return {"loss": kind,
+            "class_weights": dict(zip(class_names, weights, strict=True)) if uses else None,
+            "class_weights_from": source if uses else None}
+
+
+def loss_text(facts: dict) -> str:
+    """One line: ``weighted_ce, class weights NORMAL 0.583, PNEUMONIA 3.5 (inverse prevalence …)``."""
+    if facts["class_weights"] is None:
+        return f"{facts['loss']}, unweighted"
+    weights = ", ".join(f"{name} {w:.3g}" for name, w in facts["class_weights"].items())
+    return f"{facts['loss']}, class weights {weights} ({facts['class_weights_from']})"
+
+
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al. 2017): ``-w_y (1 - p_y)^gamma log p_y``, mean over the batch
     normalised by the weights like weighted cross-entropy."""

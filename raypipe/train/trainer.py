@@ -23,7 +23,7 @@ from raypipe.config import Config, config_to_yaml
 from raypipe.data import pipeline
 from raypipe.data.sources import DatasetSplit, Record, discover, get_filesystem, join_uri, subset
 from raypipe.train.doctor import TrainingDiverged
-from raypipe.train.losses import inverse_prevalence_weights
+from raypipe.train.losses import inverse_prevalence_weights, loss_facts, loss_text
 from raypipe.train.worker import CHECKPOINT_PREFIX, DIVERGED_FILE, train_func
 
 log = logging.getLogger(__name__)
@@ -284,10 +284,10 @@ def build_trainer(
                  "raise pipeline.cache_val_mb to keep the validation set preprocessed)",
                  layout.total_cpus)
     train_ds, val_ds, ledger, clock = pipeline.build_datasets(cfg, split, records, whole_run)
-    counts = [0] * len(split.class_names)
-    for r in records:
-        counts[r.label] += 1
+    counts = label_counts(records, len(split.class_names))
     weights = cfg.train.class_weights or inverse_prevalence_weights(counts)
+    log.info("loss: %s", loss_text(loss_facts(cfg.train.loss, split.class_names, counts,
+                                               cfg.train.class_weights)))
     facts = {
         "class_names": split.class_names,
         "class_weights": weights,
@@ -466,6 +466,7 @@ def _fit_and_summarise(cfg: Config, split: DatasetSplit, records: list[Record],
         "history": history,
         "data": data,
         "skipped": skipped,
+        **run_loss_facts(cfg, split, records),
         "epochs": cfg.train.epochs,
         **overfit_report(cfg, history),
         "wall_time_s": time.time() - t0,
@@ -520,6 +521,20 @@ def _explain_storage(cause: str, cfg: Config) -> str:
                 "free some space or point run.storage_path at a writable location, then re-run "
                 f"with run.name={cfg.run.name} to resume from the last checkpoint.")
     return cause
+
+
+def label_counts(records: list[Record], num_classes: int) -> list[int]:
+    """Training files per class."""
+    counts = [0] * num_classes
+    for r in records:
+        counts[r.label] += 1
+    return counts
+
+
+def run_loss_facts(cfg: Config, split: DatasetSplit, records: list[Record]) -> dict:
+    """:func:`~raypipe.train.losses.loss_facts` of this run's training files."""
+    return loss_facts(cfg.train.loss, split.class_names,
+                      label_counts(records, len(split.class_names)), cfg.train.class_weights)
 
 
 def file_accounting(
@@ -577,6 +592,7 @@ def _write_partial_summary(
         "history": _read_json(join_uri(run_dir, "history.json")) or [],
         "data": data,
         "skipped": skipped,
+        **run_loss_facts(cfg, split, records),
         "epochs": cfg.train.epochs,
         "resume": f"re-run the same command with run.name={cfg.run.name} to continue",
         "wall_time_s": time.time() - t0,
