@@ -209,6 +209,15 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(
         None, gt=0.0, lt=1.0, description="validate, checkpoint and evaluate an exponential moving "
         "average of the weights (and BatchNorm statistics), updated every step with this decay")
+    bn_stats: Literal["precise", "ema"] = Field(
+        "precise", description="BatchNorm running statistics, which validation and checkpoints use. "
+        "precise: after each epoch, recomputed with the epoch's final weights over its last "
+        "bn_stats_samples training images (a forward pass, no gradients); ema: PyTorch's "
+        "exponential average (momentum 0.1) of the training batches' statistics, which with few "
+        "steps per epoch still holds earlier weights' statistics (and the initial 0 and 1)")
+    bn_stats_samples: int = Field(
+        512, ge=2, description="training images per worker that bn_stats: precise recomputes the "
+        "statistics over (the epoch's last ones, kept on the training device)")
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     seed: int = 0

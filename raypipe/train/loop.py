@@ -6,6 +6,7 @@ tests (fed by a list of tensors).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import time
@@ -96,6 +97,56 @@ def _check_all_workers(doctor: GradientDoctor, loss: float, grad_norm: float,
     doctor.check(loss, grad_norm, epoch=epoch, step=step, lr=lr)
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
+                       amp: str = "none") -> None:
+    """Replace every BatchNorm layer's running statistics with the mean of its statistics over
+    ``batches``, computed with the model's current weights (the parameters do not change).
+    PyTorch's running statistics are an exponential average over training steps, each taken with
+    the weights of its step: with a few steps per epoch (small datasets, subsets) they still hold
+    earlier epochs' weights and their initial 0 and 1, which the current weights do not match, and
+    validation can put every image in one class while training is fine."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        return
+    momenta = [layer.momentum for layer in layers]
+    was_training = model.training
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the batches below
+    model.train()
+    try:
+        with autocast_context(device, amp):
+            for x in batches:
+                model(x)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+        model.train(was_training)
+
+
+class RecentInputs:
+    """The last inputs of an epoch, at least ``samples`` images (whole batches), for
+    :func:`recompute_bn_stats`."""
+
+    def __init__(self, samples: int):
+        self.samples = samples
+        self.batches: collections.deque[torch.Tensor] = collections.deque()
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.samples <= 0:
+            return
+        self.batches.append(x.detach())
+        self.count += len(x)
+        while self.count - len(self.batches[0]) >= self.samples:
+            self.count -= len(self.batches.popleft())
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[dict],
@@ -111,11 +162,14 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     ema: WeightAverage | None = None,
     mixup_alpha: float = 0.0,
+    bn_stats_samples: int = 0,
 ) -> dict:
-    """One pass over ``batches`` (updating ``ema`` after every step). Returns loss
-    (sample-weighted mean), sample count, steps, images/s, data-wait fraction and gradient-norm
-    statistics."""
+    """One pass over ``batches`` (updating ``ema`` after every step). With ``bn_stats_samples``,
+    the BatchNorm statistics of the model (and of ``ema``'s) are then recomputed over the epoch's
+    last that many training images (:func:`recompute_bn_stats`). Returns loss (sample-weighted
+    mean), sample count, steps, images/s, data-wait fraction and gradient-norm statistics."""
     model.train()
+    recent = RecentInputs(bn_stats_samples)
     doctor.start_epoch()
     lr = float(optimizer.param_groups[0]["lr"])
     total_loss, n, steps, wait = 0.0, 0, 0, 0.0
@@ -152,10 +206,16 @@ def train_one_epoch(
             optimizer.step()
         if ema is not None:
             ema.update(model)
+        recent.add(x)
         total_loss += loss_value * len(y)
         n += len(y)
         steps += 1
         t_prev = time.perf_counter()
+    if recent.batches:
+        # the wrapped module: a DDP forward would broadcast rank 0's buffers at every batch
+        for net in (unwrap(model), *([ema.module] if ema is not None else [])):
+            recompute_bn_stats(net, recent.batches, device, amp)
+        recent.batches.clear()
     elapsed = max(time.perf_counter() - t0, 1e-9)
     return {
         "train_loss": total_loss / max(n, 1),

@@ -306,6 +306,7 @@ def train_func(config: dict) -> None:
                 model, tb.tap(batches), optimizer, loss_fn, device, doctor, epoch=epoch,
                 grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last, scaler=scaler,
                 ema=ema, mixup_alpha=0.0 if t.overfit_subset is not None else t.mixup_alpha,
+                bn_stats_samples=t.bn_stats_samples if t.bn_stats == "precise" else 0,
             )
             _check_finite("a model weight or BatchNorm statistic",
                           loop.unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
