@@ -77,8 +77,13 @@ class DatasetSplit:
         }
 
     def train_label_counts(self) -> list[int]:
-        c = Counter(r.label for r in self.train)
-        return [int(c.get(i, 0)) for i in range(len(self.class_names))]
+        return label_counts(self.train, len(self.class_names))
+
+
+def label_counts(records: list[Record], num_classes: int) -> list[int]:
+    """Files per class, by class index."""
+    c = Counter(r.label for r in records)
+    return [int(c.get(i, 0)) for i in range(num_classes)]
 
 
 # ---------------------------------------------------------------- filesystems

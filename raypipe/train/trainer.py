@@ -21,9 +21,17 @@ from ray.train.torch import TorchTrainer
 
 from raypipe.config import Config, config_to_yaml
 from raypipe.data import pipeline
-from raypipe.data.sources import DatasetSplit, Record, discover, get_filesystem, join_uri, subset
+from raypipe.data.sources import (
+    DatasetSplit,
+    Record,
+    discover,
+    get_filesystem,
+    join_uri,
+    label_counts,
+    subset,
+)
 from raypipe.train.doctor import TrainingDiverged
-from raypipe.train.losses import inverse_prevalence_weights, loss_facts, loss_text
+from raypipe.train.losses import loss_facts, loss_text
 from raypipe.train.worker import CHECKPOINT_PREFIX, DIVERGED_FILE, train_func
 
 log = logging.getLogger(__name__)
@@ -284,13 +292,12 @@ def build_trainer(
                  "raise pipeline.cache_val_mb to keep the validation set preprocessed)",
                  layout.total_cpus)
     train_ds, val_ds, ledger, clock = pipeline.build_datasets(cfg, split, records, whole_run)
-    counts = label_counts(records, len(split.class_names))
-    weights = cfg.train.class_weights or inverse_prevalence_weights(counts)
-    log.info("loss: %s", loss_text(loss_facts(cfg.train.loss, split.class_names, counts,
-                                               cfg.train.class_weights)))
+    loss = run_loss_facts(cfg, split, records)
+    log.info("loss: %s", loss_text(loss))
     facts = {
         "class_names": split.class_names,
-        "class_weights": weights,
+        # None for plain cross-entropy, which has no use for them
+        "class_weights": list(loss["class_weights"].values()) if loss["class_weights"] else None,
         "run_dir": run_dir_of(cfg),
         "clock": clock,
         "data": split.counts(),
@@ -521,14 +528,6 @@ def _explain_storage(cause: str, cfg: Config) -> str:
                 "free some space or point run.storage_path at a writable location, then re-run "
                 f"with run.name={cfg.run.name} to resume from the last checkpoint.")
     return cause
-
-
-def label_counts(records: list[Record], num_classes: int) -> list[int]:
-    """Training files per class."""
-    counts = [0] * num_classes
-    for r in records:
-        counts[r.label] += 1
-    return counts
 
 
 def run_loss_facts(cfg: Config, split: DatasetSplit, records: list[Record]) -> dict:
