@@ -33,6 +33,16 @@ def test_folder_per_class(tmp_path: Path) -> None:
     val_keys = {r.key for r in split.val}
     crossing = ("cats/000.png" in val_keys) != ("cats/nested/x.png" in val_keys)
     assert split.counts()["train_val_duplicates"] == int(crossing)  # the nested byte-copy
+    dup = "; 1 validation image(s) duplicate a training image" if crossing else ""
+    assert split.describe() == f"2 classes; train 13 (cats 5, dogs 8), val 3 (cats 1, dogs 2){dup}"
+
+
+def test_the_log_names_the_split_once_in_words(tmp_path: Path, caplog) -> None:
+    root = make_image_folder(tmp_path / "r", {"a": 8, "b": 2})
+    with caplog.at_level("INFO", logger="raypipe"):
+        _discover(f"data.root={root}", "data.val_fraction=0.5")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "raypipe.data.sources"]
+    assert line == f"dataset {root}: 2 classes; train 5 (a 4, b 1), val 5 (a 4, b 1)"
 
 
 def test_class_names_fix_the_label_order(tmp_path: Path) -> None:

@@ -76,6 +76,17 @@ class DatasetSplit:
             "train_val_duplicates": len(self.duplicates),
         }
 
+    def describe(self) -> str:
+        """The split in one line for the log: classes, then per-class counts of each side."""
+        c = self.counts()
+
+        def side(name: str) -> str:
+            return f"{c[name + '_total']} ({', '.join(f'{k} {v}' for k, v in c[name].items())})"
+
+        dup = c["train_val_duplicates"]
+        return (f"{len(self.class_names)} classes; train {side('train')}, val {side('val')}"
+                + (f"; {dup} validation image(s) duplicate a training image" if dup else ""))
+
     def train_label_counts(self) -> list[int]:
         return label_counts(self.train, len(self.class_names))
 
@@ -529,7 +540,7 @@ def discover(cfg: DataConfig) -> DatasetSplit:
         val, _ = _stratified_subset(val, max(2, cfg.limit // 4), cfg.split_seed)
     duplicates = find_duplicates(fs, train, val_fs, val)
     split = DatasetSplit(fs, class_names, train, val, source, skipped, duplicates)
-    log.info("dataset %s: %s", source, split.counts())
+    log.info("dataset %s: %s", source, split.describe())
     if duplicates:
         examples = ", ".join(f"{v} = {t}" for v, t in duplicates[:3])
         log.warning(

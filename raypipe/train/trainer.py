@@ -414,14 +414,18 @@ def run_training(
 ) -> dict:
     """Run one training job end to end; returns (and writes) ``summary.json``'s content."""
     t0 = time.time()
-    split = split or discover(cfg.data)
+    if split is None:
+        split = discover(cfg.data)  # which logs the split
+    else:
+        log.info("dataset %s: %s", split.source, split.describe())
     if cfg.train.overfit_subset is not None and train_records is None:
         train_records = subset(split.train, cfg.train.overfit_subset, cfg.data.split_seed)
     validate_split(split, cfg)
     check_pretrained(cfg, len(split.class_names))
     run_dir = run_dir_of(cfg)
     _write_text(join_uri(run_dir, "config.yaml"), config_to_yaml(cfg))
-    log.info("classes %s; counts %s", split.class_names, split.counts())
+    if train_records is not None:
+        log.info("training on %d of the %d training images", len(train_records), len(split.train))
     _remove(join_uri(run_dir, DIVERGED_FILE))  # a resumed run starts healthy
     remove_unregistered_checkpoints(run_dir)  # left by an earlier run that was killed
     trainer, ledger, clock = build_trainer(cfg, split, train_records, callbacks, stop_gate)
