@@ -58,12 +58,11 @@ class DatasetSplit:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) at listing time
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (train key, val key), same bytes
 
-    def counts(self) -> dict:
-        def per_class(records: list[Record]) -> dict[str, int]:
-            c = Counter(r.label for r in records)
-            return {name: int(c.get(i, 0)) for i, name in enumerate(self.class_names)}
+    def _per_class(self, records: list[Record]) -> dict[str, int]:
+        return dict(zip(self.class_names, label_counts(records, len(self.class_names)), strict=True))
 
-        train, val = per_class(self.train), per_class(self.val)
+    def counts(self) -> dict:
+        train, val = self._per_class(self.train), self._per_class(self.val)
         n_train = max(1, len(self.train))
         return {
             "source": self.source,
@@ -78,13 +77,11 @@ class DatasetSplit:
 
     def describe(self) -> str:
         """The split in one line for the log: classes, then per-class counts of each side."""
-        c = self.counts()
+        def side(records: list[Record]) -> str:
+            return f"{len(records)} ({', '.join(f'{k} {v}' for k, v in self._per_class(records).items())})"
 
-        def side(name: str) -> str:
-            return f"{c[name + '_total']} ({', '.join(f'{k} {v}' for k, v in c[name].items())})"
-
-        dup = c["train_val_duplicates"]
-        return (f"{len(self.class_names)} classes; train {side('train')}, val {side('val')}"
+        dup = len(self.duplicates)
+        return (f"{len(self.class_names)} classes; train {side(self.train)}, val {side(self.val)}"
                 + (f"; {dup} validation image(s) duplicate a training image" if dup else ""))
 
     def train_label_counts(self) -> list[int]:

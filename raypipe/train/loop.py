@@ -212,7 +212,7 @@ def train_one_epoch(
         steps += 1
         t_prev = time.perf_counter()
     if recent.batches:
-        # the wrapped module: a DDP forward would broadcast rank 0's buffers at every batch
+        # the unwrapped module: a DDP forward would broadcast rank 0's buffers at every batch
         for net in (unwrap(model), *([ema.module] if ema is not None else [])):
             recompute_bn_stats(net, recent.batches, device, amp)
         recent.batches.clear()
