@@ -47,17 +47,20 @@ def _model(args, device):
     if args.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return model, opt, torch.nn.CrossEntropyLoss()
+    # fp16 steps go through a grad scaler, as training's do (train.amp=fp16); off elsewhere
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
+    return model, opt, torch.nn.CrossEntropyLoss(), scaler
 
 
-def _step(model, opt, loss_fn, x, y, device, amp: str) -> float:
+def _step(model, opt, loss_fn, scaler, x, y, device, amp: str) -> float:
     from raypipe.train.loop import autocast_context
 
     opt.zero_grad(set_to_none=True)
     with autocast_context(device, amp):
         loss = loss_fn(model(x), y)
-    loss.backward()
-    opt.step()
+    scaler.scale(loss).backward()  # the identity when the scaler is off
+    scaler.step(opt)
+    scaler.update()
     return float(loss.detach())  # a sync, as in the real training loop
 
 
@@ -65,17 +68,17 @@ def synthetic(args, device) -> dict:
     """images/s on one batch of random tensors that never leaves the device."""
     import torch
 
-    model, opt, loss_fn = _model(args, device)
+    model, opt, loss_fn, scaler = _model(args, device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     if args.channels_last and device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (args.batch_size,), device=device)
     for _ in range(args.warmup):
-        _step(model, opt, loss_fn, x, y, device, args.amp)
+        _step(model, opt, loss_fn, scaler, x, y, device, args.amp)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        _step(model, opt, loss_fn, x, y, device, args.amp)
+        _step(model, opt, loss_fn, scaler, x, y, device, args.amp)
     _sync(device)
     seconds = time.perf_counter() - t0
     return {"synthetic_images_per_s": args.steps * args.batch_size / seconds, "synthetic_s": seconds}
@@ -102,7 +105,7 @@ def _fed(args, device, cfg, train, root: str) -> dict:
 
     from raypipe.data.pipeline import torch_batches
 
-    model, opt, loss_fn = _model(args, device)
+    model, opt, loss_fn, scaler = _model(args, device)
     wait = busy = 0.0
     images = steps = 0
     pool = cfg.pipeline.train
@@ -116,7 +119,7 @@ def _fed(args, device, cfg, train, root: str) -> dict:
             x = batch["image"].to(device, non_blocking=True)
             if args.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            _step(model, opt, loss_fn, x, batch["label"].to(device, non_blocking=True), device,
+            _step(model, opt, loss_fn, scaler, x, batch["label"].to(device, non_blocking=True), device,
                   args.amp)
             t_end = time.perf_counter()
             if i >= args.warmup:  # the first batches include actor start-up
