@@ -77,8 +77,8 @@ def _epoch(model, samples, ema=None):
 @pytest.mark.parametrize("samples, batches_used", [(1000, 5), (16, 2)])
 def test_an_epoch_leaves_the_statistics_of_its_final_weights(samples, batches_used):
     precise, ema_style = _model(), _model()
-    _epoch(precise, samples)
-    _epoch(ema_style, 0)
+    timed = _epoch(precise, samples)
+    untimed = _epoch(ema_style, 0)
     # the same training either way: only the statistics differ
     for name, p in precise.named_parameters():
         assert torch.equal(p, dict(ema_style.named_parameters())[name]), name
@@ -88,6 +88,9 @@ def test_an_epoch_leaves_the_statistics_of_its_final_weights(samples, batches_us
     assert torch.allclose(precise[1].running_var, var, rtol=1e-4)
     # PyTorch's exponential average over the steps is far from them (0.1 per step from 0 and 1)
     assert not torch.allclose(ema_style[1].running_mean, mean, atol=0.1)
+    # the recompute's time is reported, as a part of the epoch's
+    assert 0.0 < timed["bn_stats_s"] < timed["epoch_time_s"]
+    assert untimed["bn_stats_s"] < 1e-3
 
 
 def test_the_weight_average_gets_statistics_of_its_own_weights():

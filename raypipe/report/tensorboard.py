@@ -28,6 +28,7 @@ SCALARS = {
     "images_per_s_total": "speed/images_per_s",
     "data_wait_frac": "speed/data_wait_frac",
     "epoch_time_s": "speed/epoch_time_s",
+    "bn_stats_s": "speed/bn_stats_s",
 }
 
 

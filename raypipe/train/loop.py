@@ -167,7 +167,8 @@ def train_one_epoch(
     """One pass over ``batches`` (updating ``ema`` after every step). With ``bn_stats_samples``,
     the BatchNorm statistics of the model (and of ``ema``'s) are then recomputed over the epoch's
     last that many training images (:func:`recompute_bn_stats`). Returns loss (sample-weighted
-    mean), sample count, steps, images/s, data-wait fraction and gradient-norm statistics."""
+    mean), sample count, steps, images/s, data-wait fraction, the epoch's time and the part of it
+    the recompute took, and gradient-norm statistics."""
     model.train()
     recent = RecentInputs(bn_stats_samples)
     doctor.start_epoch()
@@ -211,12 +212,14 @@ def train_one_epoch(
         n += len(y)
         steps += 1
         t_prev = time.perf_counter()
+    t_bn = time.perf_counter()
     if recent.batches:
         # the unwrapped module: a DDP forward would broadcast rank 0's buffers at every batch
         for net in (unwrap(model), *([ema.module] if ema is not None else [])):
             recompute_bn_stats(net, recent.batches, device, amp)
         recent.batches.clear()
-    elapsed = max(time.perf_counter() - t0, 1e-9)
+    t_end = time.perf_counter()
+    elapsed = max(t_end - t0, 1e-9)
     return {
         "train_loss": total_loss / max(n, 1),
         "train_samples": n,
@@ -224,6 +227,7 @@ def train_one_epoch(
         "images_per_s": n / elapsed,
         "data_wait_frac": wait / elapsed,
         "epoch_time_s": elapsed,
+        "bn_stats_s": t_end - t_bn,  # part of epoch_time_s: what bn_stats: precise costs
         **doctor.epoch_summary(),
     }
 
