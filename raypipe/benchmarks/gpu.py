@@ -101,9 +101,8 @@ def with_pipeline(args, device) -> dict:
 
 def _fed(args, device, cfg, train, root: str) -> dict:
     """:func:`with_pipeline`'s loop over ``train``."""
-    import torch
-
     from raypipe.data.pipeline import torch_batches
+    from raypipe.train.loop import to_device
 
     model, opt, loss_fn, scaler = _model(args, device)
     wait = busy = 0.0
@@ -116,11 +115,8 @@ def _fed(args, device, cfg, train, root: str) -> dict:
         for i, batch in enumerate(torch_batches(
                 train, batch_size=args.batch_size, prefetch_batches=args.prefetch, drop_last=True)):
             t_batch = time.perf_counter()
-            x = batch["image"].to(device, non_blocking=True)
-            if args.channels_last and device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            _step(model, opt, loss_fn, scaler, x, batch["label"].to(device, non_blocking=True), device,
-                  args.amp)
+            x, y = to_device(batch, device, args.channels_last)  # as the training loop does
+            _step(model, opt, loss_fn, scaler, x, y, device, args.amp)
             t_end = time.perf_counter()
             if i >= args.warmup:  # the first batches include actor start-up
                 wait += t_batch - t_prev

@@ -28,7 +28,7 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def _to_device(batch: dict, device: torch.device, channels_last: bool):
+def to_device(batch: dict, device: torch.device, channels_last: bool):
     x = batch["image"].to(device, non_blocking=True)
     if channels_last and device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -178,7 +178,7 @@ def train_one_epoch(
     for batch in batches:
         t_batch = time.perf_counter()
         wait += t_batch - t_prev
-        x, y = _to_device(batch, device, channels_last)
+        x, y = to_device(batch, device, channels_last)
         # BatchNorm cannot train on one sample (1x1 feature maps raise); equal shards give every
         # DDP worker the same batch sizes, so all workers skip such a remainder together
         if len(y) < 2:
@@ -242,7 +242,7 @@ def predict(
     model.eval()
     labels, logits = [], []
     for batch in batches:
-        x, y = _to_device(batch, device, channels_last)
+        x, y = to_device(batch, device, channels_last)
         if len(y) == 0:
             continue
         with autocast_context(device, amp):
