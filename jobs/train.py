@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args.config, args.overrides, resume=args.resume)
 
     from raypipe.report.run_report import best_epoch_text
-    from raypipe.train.trainer import run_training
+    from raypipe.training.trainer import run_training
 
     init_ray()
     summary = run_training(cfg)

@@ -23,8 +23,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raypipe.data.decode import DecodeError
     from raypipe.data.pipeline import BadFileError
     from raypipe.data.sources import DataSourceError
-    from raypipe.train.doctor import TrainingDiverged
-    from raypipe.train.trainer import ResourceError, RunError
+    from raypipe.training.doctor import TrainingDiverged
+    from raypipe.training.trainer import ResourceError, RunError
 
     return USER_ERRORS + (
         DataSourceError, DecodeError, BadFileError, ResourceError, RunError, TrainingDiverged,

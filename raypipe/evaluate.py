@@ -32,7 +32,7 @@ from raypipe.data.sources import (
     join_uri,
     list_manifest,
 )
-from raypipe.train.metrics import classification_metrics
+from raypipe.training.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from raypipe.train.loop import autocast_context, forward_eval
+        from raypipe.training.loop import autocast_context, forward_eval
 
         x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
         probs = np.zeros((0, self.num_classes), np.float32)

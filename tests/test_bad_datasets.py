@@ -11,7 +11,7 @@ from conftest import make_image_folder, run_job
 
 from raypipe.config import load_config
 from raypipe.data.sources import DatasetSplit, DataSourceError, Record, discover
-from raypipe.train.trainer import ResourceError, RunError, resolve_layout, validate_split
+from raypipe.training.trainer import ResourceError, RunError, resolve_layout, validate_split
 
 
 def _cfg(*overrides: str):
@@ -192,7 +192,7 @@ def test_layout_that_fits() -> None:
 
 
 def test_one_execution_only_where_validation_can_run_beside_the_training_stream() -> None:
-    from raypipe.train.trainer import overlaps_validation
+    from raypipe.training.trainer import overlaps_validation
 
     cfg = _cfg("pipeline.cache_val_mb=0")  # validation streams through its own pool every epoch
     two, three = resolve_layout(cfg, {"CPU": 2.0}), resolve_layout(cfg, {"CPU": 3.0})

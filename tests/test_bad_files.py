@@ -267,7 +267,7 @@ def test_root_cause_digs_our_message_out_of_ray_train_wrapping() -> None:
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from raypipe.train.trainer import _root_cause
+    from raypipe.training.trainer import _root_cause
 
     tb = (
         "Traceback (most recent call last):\n  File \"worker.py\", line 1, in train_func\n"

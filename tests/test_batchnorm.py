@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from raypipe.config import load_config
-from raypipe.train.doctor import GradientDoctor
-from raypipe.train.loop import RecentInputs, WeightAverage, recompute_bn_stats, train_one_epoch
+from raypipe.training.doctor import GradientDoctor
+from raypipe.training.loop import RecentInputs, WeightAverage, recompute_bn_stats, train_one_epoch
 
 CPU = torch.device("cpu")
 

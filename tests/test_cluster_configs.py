@@ -216,7 +216,7 @@ def test_cluster_readme_walks_through_the_steps():
 
 def test_autoscaling_capacity_from_launcher_yaml(monkeypatch, tmp_path):
     """The trainer's pre-flight check counts what the autoscaler may add (v1: from its YAML)."""
-    from raypipe.train import trainer
+    from raypipe.training import trainer
 
     path = tmp_path / "bootstrap.yaml"
     path.write_text(Path(CLUSTER / "aws.yaml").read_text())

@@ -11,8 +11,8 @@ import torch
 from conftest import run_job
 from torch import nn
 
-from raypipe.train.doctor import REMEDIES, GradientDoctor, TrainingDiverged
-from raypipe.train.loop import train_one_epoch
+from raypipe.training.doctor import REMEDIES, GradientDoctor, TrainingDiverged
+from raypipe.training.loop import train_one_epoch
 
 REMEDY_ORDER = ("lower the learning rate", "use SGD", "initialisation", "clip gradients",
                 "change the architecture")
@@ -70,7 +70,7 @@ def test_fp16_overflow_is_not_divergence():
 
 def test_exploding_gradient_warning(caplog):
     d = GradientDoctor(spike_factor=10.0)
-    with caplog.at_level(logging.WARNING, logger="raypipe.train.doctor"):
+    with caplog.at_level(logging.WARNING, logger="raypipe.training.doctor"):
         for i in range(8):
             assert d.check(1.0, 1.0 + 0.1 * (i % 2), epoch=1, step=i, lr=0.1) is False
         assert d.check(1.0, 5.0, epoch=1, step=8, lr=0.1) is False  # 5x: within the factor
@@ -85,7 +85,7 @@ def test_exploding_gradient_warning(caplog):
 
 def test_no_spike_warning_before_enough_history(caplog):
     d = GradientDoctor(spike_factor=2.0, warmup_steps=5)
-    with caplog.at_level(logging.WARNING, logger="raypipe.train.doctor"):
+    with caplog.at_level(logging.WARNING, logger="raypipe.training.doctor"):
         for i, n in enumerate([1.0, 100.0, 1.0, 1000.0]):
             assert d.check(1.0, n, epoch=0, step=i, lr=0.1) is False
     assert not caplog.records

@@ -21,7 +21,7 @@ from conftest import ROOT, TAME, make_image_folder, ray_snapshot, reservations
 from raypipe.config import load_config
 from raypipe.data.pipeline import RESERVATION_EXPIRE_S
 from raypipe.data.sources import DataSourceError, discover
-from raypipe.train.trainer import (
+from raypipe.training.trainer import (
     RunError,
     _explain_storage,
     _write_text,

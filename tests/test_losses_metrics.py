@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from raypipe.train.losses import (
+from raypipe.training.losses import (
     FocalLoss,
     build_loss,
     inverse_prevalence_weights,
     loss_facts,
     loss_text,
 )
-from raypipe.train.metrics import classification_metrics, softmax
+from raypipe.training.metrics import classification_metrics, softmax
 
 # ---------------------------------------------------------------- losses
 
@@ -184,7 +184,7 @@ def test_auc_gathered_across_two_workers_with_uneven_shards_equals_sklearn(ray_c
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raypipe.train.trainer import fit
+    from raypipe.training.trainer import fit
 
     # defined here so that it pickles by value: workers cannot import this test module
     def _gather_worker(config: dict) -> None:
@@ -192,7 +192,7 @@ def test_auc_gathered_across_two_workers_with_uneven_shards_equals_sklearn(ray_c
         predictions."""
         import ray.train
 
-        from raypipe.train.worker import gather_predictions
+        from raypipe.training.worker import gather_predictions
 
         rank = ray.train.get_context().get_world_rank()
         out = {}
@@ -249,7 +249,7 @@ def test_auc_gathered_across_two_workers_with_uneven_shards_equals_sklearn(ray_c
 
 
 def test_hflip_tta_averages_the_logits_of_each_image_and_its_mirror():
-    from raypipe.train.loop import forward_eval, predict
+    from raypipe.training.loop import forward_eval, predict
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 5, 2))
@@ -268,7 +268,7 @@ def test_hflip_tta_averages_the_logits_of_each_image_and_its_mirror():
 
 
 def test_mixup_loss_mixes_images_and_losses_with_the_same_weight():
-    from raypipe.train.loop import mixup_loss
+    from raypipe.training.loop import mixup_loss
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
@@ -288,7 +288,7 @@ def test_mixup_loss_mixes_images_and_losses_with_the_same_weight():
 def _buffers_after_sharing(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from raypipe.train.worker import _share_rank0_buffers
+    from raypipe.training.worker import _share_rank0_buffers
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -367,7 +367,7 @@ def test_training_workers_do_not_import_scikit_learn():
     import subprocess
     import sys
 
-    code = ("import sys; import raypipe.train.worker; "
+    code = ("import sys; import raypipe.training.worker; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

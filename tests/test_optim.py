@@ -7,7 +7,7 @@ import torch
 from torch.optim import lr_scheduler as sched
 
 from raypipe.config import ConfigError, TrainConfig, load_config
-from raypipe.train.optim import EpochScheduler, build_optimizer, momentum_of
+from raypipe.training.optim import EpochScheduler, build_optimizer, momentum_of
 
 EPOCHS = 9
 BASE = dict(lr=0.1, epochs=EPOCHS, step_size=2, gamma=0.5, milestones=[3, 5], plateau_patience=1)
@@ -213,7 +213,7 @@ def test_unknown_optimizer_is_a_config_error():
 
 
 def test_weight_average_follows_the_ramped_decay_and_copies_integer_buffers():
-    from raypipe.train.loop import WeightAverage
+    from raypipe.training.loop import WeightAverage
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
@@ -240,8 +240,8 @@ def test_checkpoint_with_weight_average_keeps_both_and_resumes_both(tmp_path):
     import ray.train
 
     from raypipe.config import Config
-    from raypipe.train.loop import WeightAverage
-    from raypipe.train.worker import _restore, save_checkpoint
+    from raypipe.training.loop import WeightAverage
+    from raypipe.training.worker import _restore, save_checkpoint
 
     torch.manual_seed(0)
     t = TrainConfig(epochs=3)

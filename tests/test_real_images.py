@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_flowers_config_trains_one_epoch_on_real_photos(ray_cluster, shared_data: Path, tmp_path):
-    from raypipe.train.trainer import run_training
+    from raypipe.training.trainer import run_training
 
     src = shared_data / "flowers-sample"
     root = tmp_path / "flowers"

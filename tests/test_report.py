@@ -21,7 +21,7 @@ def trained_run(tmp_path_factory, cache_dir) -> tuple:
     session and shared by the report and evaluation tests."""
     if "run" not in _RUN:
         from raypipe.config import load_config
-        from raypipe.train.trainer import run_training
+        from raypipe.training.trainer import run_training
 
         storage = tmp_path_factory.mktemp("runs")
         cfg = load_config(None, [

@@ -224,7 +224,7 @@ def test_train_job_reads_and_writes_s3(s3, ray_cluster, cache_dir):
 
 
 def test_unregistered_checkpoints_are_removed_from_s3(s3):
-    from raypipe.train.trainer import remove_unregistered_checkpoints
+    from raypipe.training.trainer import remove_unregistered_checkpoints
 
     _, _, client = s3
     for name in ("checkpoint_epoch0000", "checkpoint_epoch0001"):
@@ -242,7 +242,7 @@ def test_unregistered_checkpoints_are_removed_from_s3(s3):
 
 def test_missing_results_bucket_fails_before_training(s3):
     from raypipe.cli import load
-    from raypipe.train.trainer import RunError, run_training
+    from raypipe.training.trainer import RunError, run_training
 
     cfg = load(None, [f"data.root=s3://{BUCKET}/imgs", "run.storage_path=s3://missing-results/runs",
                       "run.name=x", "train.batch_size=8"])

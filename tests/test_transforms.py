@@ -349,7 +349,7 @@ def test_one_execution_gives_every_epoch_of_every_worker_that_epochs_files(ray_c
 
     from raypipe.config import ActorPool
     from raypipe.data.pipeline import EpochClock, epoch_order
-    from raypipe.train.worker import EpochStream
+    from raypipe.training.worker import EpochStream
 
     world, epochs = 2, 4
     # 13 files: each epoch leaves out the one its random order puts last, as an equal split of
@@ -380,7 +380,7 @@ def test_one_execution_gives_every_epoch_of_every_worker_that_epochs_files(ray_c
 
 
 def test_epoch_stream_cuts_one_stream_into_epochs_by_row_count():
-    from raypipe.train.worker import EpochStream
+    from raypipe.training.worker import EpochStream
 
     def batches(rows: int, size: int = 4):
         ids = list(range(rows))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from raypipe.config import ConfigError, load_config
-from raypipe.train.trainer import ResourceError
+from raypipe.training.trainer import ResourceError
 from raypipe.tune import driver as drv
 from raypipe.tune.space import (
     TuneSpec,
@@ -148,7 +148,7 @@ def test_concurrency_follows_cpus_and_config():
 
 def test_error_message_finds_the_root_cause():
     wrapped = ("ray.exceptions.RayTaskError(RunError): ray::ImplicitFunc.train()\n"
-               "raypipe.train.trainer.RunError: WorkerGroupError: Training failed\n"
+               "raypipe.training.trainer.RunError: WorkerGroupError: Training failed\n"
                "  File \"x.py\", line 3\nValueError: Input contains NaN.\n")
     assert drv.error_message(RuntimeError(wrapped)) == "ValueError: Input contains NaN."
     diverged = "RunError: TrainingDiverged: training diverged: loss is not finite\n  at epoch 0\n\nTraceback"

@@ -53,7 +53,7 @@ def _model(args, device):
 
 
 def _step(model, opt, loss_fn, scaler, x, y, device, amp: str) -> float:
-    from raypipe.train.loop import autocast_context
+    from raypipe.training.loop import autocast_context
 
     opt.zero_grad(set_to_none=True)
     with autocast_context(device, amp):
@@ -102,7 +102,7 @@ def with_pipeline(args, device) -> dict:
 def _fed(args, device, cfg, train, root: str) -> dict:
     """:func:`with_pipeline`'s loop over ``train``."""
     from raypipe.data.pipeline import torch_batches
-    from raypipe.train.loop import to_device
+    from raypipe.training.loop import to_device
 
     model, opt, loss_fn, scaler = _model(args, device)
     wait = busy = 0.0

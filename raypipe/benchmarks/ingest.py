@@ -187,9 +187,9 @@ def training_pipeline(cfg: Config, split: DatasetSplit, whole_run: bool = False)
 
 def drain_epochs(batches, n: int, epochs: int) -> list[tuple[int, float, float]]:
     """:func:`drain` for a stream of ``epochs`` epochs of ``n`` images each, cut by row count
-    as a training worker cuts it (:class:`~raypipe.train.worker.EpochStream`): each epoch's
+    as a training worker cuts it (:class:`~raypipe.training.worker.EpochStream`): each epoch's
     (images, seconds, seconds to its first batch), timed from the end of the epoch before."""
-    from raypipe.train.worker import EpochStream
+    from raypipe.training.worker import EpochStream
 
     stream = EpochStream(batches, n, epochs)
     return [drain(stream.epoch()) for _ in range(epochs)]

@@ -41,8 +41,8 @@ def _setup(spec: dict):
 
 
 def _epochs(model, opt, loss_fn, batches, epochs: int, device, report=None) -> list[float]:
-    from raypipe.train import loop
-    from raypipe.train.doctor import GradientDoctor
+    from raypipe.training import loop
+    from raypipe.training.doctor import GradientDoctor
 
     times = []
     for e in range(epochs):
@@ -84,7 +84,7 @@ def ray_train(spec: dict) -> tuple[list[float], float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raypipe.train.trainer import fit
+    from raypipe.training.trainer import fit
 
     t0 = time.perf_counter()
     trainer = TorchTrainer(
@@ -102,7 +102,7 @@ def data_wait(args) -> dict:
     last epoch (what most epochs of a run look like); the first also holds the cluster's cold
     start (worker processes, imports)."""
     from raypipe.data.sources import DatasetSplit, discover
-    from raypipe.train.trainer import run_training
+    from raypipe.training.trainer import run_training
 
     storage = scratch_dir("raypipe-bench-")
     cfg = bench_config(args, data_root(args), [

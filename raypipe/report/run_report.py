@@ -62,7 +62,7 @@ def best_epoch_text(summary: dict) -> str:
 
 def render_report(cfg: Config, summary: dict, pictures: list[str]) -> str:
     """``report.md``'s text from the run's config and ``summary.json`` content."""
-    from raypipe.train.losses import loss_text  # torch: only where a report is written
+    from raypipe.training.losses import loss_text  # torch: only where a report is written
 
     data = summary.get("data", {})
     best = summary.get("best_metrics", {})

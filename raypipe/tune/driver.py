@@ -1,7 +1,7 @@
 """The Ray Tune driver: one function trainable that runs a whole ``TorchTrainer`` per trial.
 
 Ray Train V2 pattern: each Tune trial builds its own :class:`~raypipe.config.Config` (base config +
-the trial's dotted overrides), then runs :func:`raypipe.train.trainer.run_training` with a
+the trial's dotted overrides), then runs :func:`raypipe.training.trainer.run_training` with a
 ``TuneReportCallback`` that forwards every epoch's metrics (and checkpoint path) to Tune, where ASHA
 and the search algorithm see them.
 
@@ -126,7 +126,7 @@ def train_trial(params: dict[str, Any], job: SearchJob) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raypipe.data.sources import discover, subset
-    from raypipe.train.trainer import run_dir_of, run_training
+    from raypipe.training.trainer import run_dir_of, run_training
     from raypipe.tune.stopping import StopGate
 
     trial_id = tune.get_context().get_trial_id()
@@ -148,7 +148,7 @@ def train_trial(params: dict[str, Any], job: SearchJob) -> None:
 
 def trial_cpus(cfg: Config) -> float:
     """CPUs one trial holds while it trains: its workers plus the smallest data actor pools."""
-    from raypipe.train.trainer import both_pools_cpus
+    from raypipe.training.trainer import both_pools_cpus
 
     return cfg.train.num_workers * cfg.train.cpus_per_worker + both_pools_cpus(cfg)
 
@@ -157,8 +157,8 @@ def max_concurrent_trials(cfgs: list[Config], resources: dict[str, float],
                           requested: int | None = None) -> int:
     """How many trials fit the cluster at once (at least 1; at most ``requested``).
 
-    Raises :class:`~raypipe.train.trainer.ResourceError` when not even one trial fits."""
-    from raypipe.train.trainer import resolve_layout
+    Raises :class:`~raypipe.training.trainer.ResourceError` when not even one trial fits."""
+    from raypipe.training.trainer import resolve_layout
 
     fits = math.inf
     for cfg in cfgs:
@@ -281,7 +281,7 @@ def error_message(err: BaseException | None) -> str | None:
 
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Diverged|Stop)(\([\w.]+\))?: \S")
 _WRAPPERS = ("ray.exceptions.RayTaskError", "RunError: WorkerGroupError", "ray.train.WorkerGroupError",
-             "WorkerGroupError", "raypipe.train.trainer.RunError: WorkerGroupError")
+             "WorkerGroupError", "raypipe.training.trainer.RunError: WorkerGroupError")
 
 
 def _trial_id(result) -> str:
@@ -303,7 +303,7 @@ STOPPED_EARLY = "stopped early"
 def mark_stopped_early(run_dir: str) -> None:
     """Label a trial's run summary as stopped by the search scheduler (not failed)."""
     from raypipe.data.sources import join_uri
-    from raypipe.train.trainer import _read_json, write_summary
+    from raypipe.training.trainer import _read_json, write_summary
 
     summary = _read_json(join_uri(run_dir, "summary.json"))
     if isinstance(summary, dict):
@@ -319,7 +319,7 @@ def _trial_run(runs_dir: str | None, trial_id: str) -> tuple[Any, str | None]:
     import pandas as pd
 
     from raypipe.data.sources import join_uri
-    from raypipe.train.trainer import _read_json
+    from raypipe.training.trainer import _read_json
 
     history = _read_json(join_uri(runs_dir, trial_id, "history.json"))
     summary = _read_json(join_uri(runs_dir, trial_id, "summary.json"))
@@ -426,7 +426,7 @@ def _cell(v: Any) -> str:
 
 
 def write_text(uri: str, text: str) -> None:
-    from raypipe.train.trainer import _write_text
+    from raypipe.training.trainer import _write_text
 
     _write_text(uri, text)
 

@@ -119,7 +119,7 @@ def run_tune(config: str | None, overrides: list[str], spec: TuneSpec, *, full: 
 
 def retrain(job: drv.SearchJob, best: dict[str, Any]) -> dict[str, Any]:
     """Train the best trial's configuration on the full data as an ordinary run."""
-    from raypipe.train.trainer import run_training
+    from raypipe.training.trainer import run_training
 
     if "best_params" not in best:
         raise ConfigError(f"--retrain-best: no trial of {job.search_dir} finished with a "
@@ -149,7 +149,7 @@ def overfit_config(config: str | None, overrides: list[str], spec: abl.OverfitSp
 def overfit_check(cfg: Config) -> tuple[abl.OverfitVerdict, dict[str, Any] | None]:
     """Train ``cfg`` (an :func:`overfit_config`) and judge it."""
     from raypipe.data.sources import join_uri
-    from raypipe.train.trainer import RunError, _read_json, run_dir_of, run_training
+    from raypipe.training.trainer import RunError, _read_json, run_dir_of, run_training
 
     summary, error = None, None
     try:

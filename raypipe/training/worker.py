@@ -1,5 +1,5 @@
 """The only Ray Train glue inside the workers: model preparation, dataset shards, gathering,
-reporting and checkpoints. The training arithmetic lives in :mod:`raypipe.train.loop`."""
+reporting and checkpoints. The training arithmetic lives in :mod:`raypipe.training.loop`."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from raypipe.config import Config
 from raypipe.data.pipeline import torch_batches
 from raypipe.models.resnet import create_model
 from raypipe.report.tensorboard import TensorBoardLogger, epoch_line
-from raypipe.train import loop
-from raypipe.train.doctor import GradientDoctor, TrainingDiverged
-from raypipe.train.losses import build_loss
-from raypipe.train.metrics import classification_metrics, softmax
-from raypipe.train.optim import EpochScheduler, build_optimizer
+from raypipe.training import loop
+from raypipe.training.doctor import GradientDoctor, TrainingDiverged
+from raypipe.training.losses import build_loss
+from raypipe.training.metrics import classification_metrics, softmax
+from raypipe.training.optim import EpochScheduler, build_optimizer
 
 log = logging.getLogger(__name__)
 

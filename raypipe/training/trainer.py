@@ -30,9 +30,9 @@ from raypipe.data.sources import (
     label_counts,
     subset,
 )
-from raypipe.train.doctor import TrainingDiverged
-from raypipe.train.losses import loss_facts, loss_text
-from raypipe.train.worker import CHECKPOINT_PREFIX, DIVERGED_FILE, train_func
+from raypipe.training.doctor import TrainingDiverged
+from raypipe.training.losses import loss_facts, loss_text
+from raypipe.training.worker import CHECKPOINT_PREFIX, DIVERGED_FILE, train_func
 
 log = logging.getLogger(__name__)
 
@@ -535,7 +535,7 @@ def _explain_storage(cause: str, cfg: Config) -> str:
 
 
 def run_loss_facts(cfg: Config, split: DatasetSplit, records: list[Record]) -> dict:
-    """:func:`~raypipe.train.losses.loss_facts` of this run's training files."""
+    """:func:`~raypipe.training.losses.loss_facts` of this run's training files."""
     return loss_facts(cfg.train.loss, split.class_names,
                       label_counts(records, len(split.class_names)), cfg.train.class_weights)
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raypipe.train.doctor import GradientDoctor, TrainingDiverged
+from raypipe.training.doctor import GradientDoctor, TrainingDiverged
 
 
 def autocast_context(device: torch.device, amp: str):
