@@ -8,12 +8,10 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import NoReturn
 
-from raypipe.config import Config, ConfigError, load_config
+from raypipe.config import Config, ConfigError
 
 # errors whose message is the whole story: print it, no traceback
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
@@ -31,121 +29,51 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+def setup_logging(verbose: bool = False) -> None:
+    """A job's console: raypipe's own INFO lines; Ray Data's and Ray Train's INFO lines in this
+    process (executions started and finished, their plans) only when ``verbose``."""
+    logger = logging.getLogger("raypipe")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                               datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    import ray.data  # noqa: F401 - its logging is set up on import; set the level after that
 
-
-def _config_stem(path: str | None) -> str:
-    return Path(path).stem if path else "default"
-
-
-def _expand_storage(storage: str) -> str:
-    if "://" in storage:
-        return storage.rstrip("/")
-    return os.path.abspath(os.path.expanduser(storage))
-
-
-def _latest_run(storage: str, stem: str) -> str | None:
-    if "://" in storage:
-        import pyarrow.fs as pafs
-
-        from raypipe.data.sources import get_filesystem
-
-        fs, root = get_filesystem(storage)
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-        except OSError:
-            return None
-        names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
-    else:
-        p = Path(storage)
-        names = [d.name for d in p.iterdir() if d.is_dir()] if p.is_dir() else []
-    names = sorted(n for n in names if n.startswith(stem + "-"))
-    return names[-1] if names else None
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def load(path: str | None, overrides: list[str], resume: bool = False) -> Config:
-    """The resolved config: storage path made absolute, run name chosen.
+    """The resolved config of a job (:func:`raypipe.api.resolve_config`)."""
+    from raypipe.api import resolve_config
 
-    Without ``run.name`` each run gets ``<config>-<YYYYmmdd-HHMMSS>``; ``--resume`` picks the
-    latest such run of the same config instead. Re-using an explicit ``run.name`` resumes it.
-    """
-    cfg = load_config(path, overrides)
-    storage = _expand_storage(cfg.run.storage_path)
-    name = cfg.run.name
-    if name is None:
-        stem = _config_stem(path)
-        name = _latest_run(storage, stem) if resume else None
-        if resume and name is None:
-            raise ConfigError(
-                f"--resume: no earlier run of '{stem}' in {storage}. Run without --resume, or "
-                "give run.name=<name of the run to continue>."
-            )
-        name = name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg.run = cfg.run.model_copy(update={"name": name, "storage_path": storage})
-    return cfg
+    return resolve_config(path, overrides, resume=resume)
 
 
-# object-storage settings the Ray workers need as much as the driver does. Only values travel:
-# names of files (AWS_PROFILE, AWS_CA_BUNDLE, GOOGLE_APPLICATION_CREDENTIALS) would point at
-# nothing on other nodes and break their own credential chain (instance role, service account).
-FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-    "AWS_EC2_METADATA_DISABLED",
-)
-
-
-def _job_env_vars() -> set[str]:
-    """Env var names the submitted job's runtime env already sets (``ray job submit
-    --runtime-env-json``); Ray refuses to merge a second value for the same name."""
-    import json
-
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
-    if not raw:
-        return set()
-    try:
-        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
-    except (ValueError, AttributeError):
-        return set()
-
-
-def forwarded_env() -> dict[str, str]:
-    """The object-storage variables of this process to hand to every Ray worker of the job.
-
-    Workers of a cluster started elsewhere (``ray start``, a test fixture, another shell) do not
-    inherit the driver's environment, so S3 reads and checkpoint writes there would run without
-    the endpoint or credentials. Values are passed to Ray only, never printed or logged.
-    """
-    taken = _job_env_vars()
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and k not in taken}
-
-
-def init_ray(**kwargs) -> None:
+def init_ray(verbose: bool = False, **kwargs) -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``) or start a local one.
 
-    The S3 variables of this process travel to the workers through the job's runtime env.
-    ``ray.init`` replaces the process's SIGTERM handler with a plain ``sys.exit``; the job's own
-    (:func:`fail`: SIGTERM as Ctrl-C, so Ray Train aborts the run gracefully and gives back its
-    share of the cluster) is put back.
+    A local cluster's workers inherit this process's environment (object-storage credentials
+    and endpoint among them); on a cluster started elsewhere they come from its nodes (roles,
+    service accounts, or a Secret in the pods' environment: cluster/README.md), never from
+    this process. ``ray.init`` replaces the process's SIGTERM handler with a plain
+    ``sys.exit``; the job's own (:func:`fail`: SIGTERM as Ctrl-C, so Ray Train aborts the run
+    gracefully and gives back its share of the cluster) is put back. Unless ``verbose``, what the
+    job's Ray workers print (Ray Train's and Ray Data's INFO lines: worker group start, every
+    report and checkpoint, every execution) stays in Ray's log files: the driver shows the run's
+    progress itself, and worker errors reach it as exceptions.
     """
     import ray
 
-    from raypipe.data.pipeline import configure_data_context
-
     if not ray.is_initialized():
-        env = forwarded_env()
-        if env:
-            runtime_env = dict(kwargs.pop("runtime_env", None) or {})
-            runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
-            kwargs["runtime_env"] = runtime_env
         ours = signal.getsignal(signal.SIGTERM) is _sigterm_as_sigint
+        kwargs.setdefault("log_to_driver", verbose)
         ray.init(**kwargs)
         if ours and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _sigterm_as_sigint)
-    configure_data_context()
 
 
 def _sigterm_as_sigint(signum: int, frame) -> None:

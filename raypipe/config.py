@@ -26,39 +26,59 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    root: str | None = Field(None, description="folder-per-class root or URI; None = built-in")
-    builtin: Literal["lfw_faces"] = "lfw_faces"
-    manifest: str | None = None
-    path_column: str = "path"
-    label_column: str = "label"
-    positive_finding: str | None = None
-    label_separator: str = "|"
-    val_root: str | None = None
-    val_manifest: str | None = None
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    split_seed: int = 0
-    class_names: list[str] | None = None
-    extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"]
+    root: str | None = Field(
+        None, description="folder-per-class root (root/<class>/*.jpg), local or s3:// / gs://; "
+        "with a manifest, the folder its paths are relative to; null: the built-in dataset")
+    manifest: str | None = Field(None, description="CSV with a path column and a label column")
+    path_column: str = Field("path", description="the manifest's column of relative file paths")
+    label_column: str = Field("label", description="the manifest's column of labels")
+    positive_finding: str | None = Field(
+        None, description="one finding of a multi-finding label column (e.g. Effusion) as the "
+        "positive class of a binary task")
+    label_separator: str = Field("|", description="what joins several findings in one label")
+    val_root: str | None = Field(None, description="a separate validation folder")
+    val_manifest: str | None = Field(None, description="a separate validation manifest")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0,
+                                description="share of the files held out for validation")
+    split_seed: int = Field(0, description="seed of the deterministic train/validation split")
+    class_names: list[str] | None = Field(
+        None, description="the classes to use, in this order (default: every one found, sorted)")
+    extensions: list[str] = Field(
+        [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"],
+        description="file extensions read as images")
     limit: int | None = Field(None, ge=2, description="use at most N training files (smoke runs)")
-    on_bad_file: Literal["skip", "fail"] = "skip"
-    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    max_pixels: int = Field(100_000_000, ge=1)
-    cache_dir: str | None = None
+    on_bad_file: Literal["skip", "fail"] = Field(
+        "skip", description="unreadable files: skip (counted and listed in skipped.csv) or fail")
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="stop when more than this share of files is unreadable")
+    max_pixels: int = Field(100_000_000, ge=1,
+                            description="larger images are refused (decompression-bomb guard)")
+    cache_dir: str | None = Field(
+        None, description="where the built-in dataset is written (default: $RAYPIPE_CACHE or "
+        "~/.cache/raypipe)")
 
 
 class PreprocessConfig(_Section):
-    image_size: int = Field(64, ge=8, le=4096)
-    resize_mode: Literal["stretch", "pad", "crop"] = "stretch"
-    channels: Literal[1, 3] = 3
-    threshold: Literal["none", "fixed", "otsu"] = "none"
-    threshold_value: float = Field(125.0, ge=0.0, le=255.0)
-    morphology: list[Literal["erosion", "dilation", "opening", "closing"]] = []
-    disk_radius: int = Field(3, ge=1, le=64)
-    equalize: Literal["none", "adapthist"] = "none"
-    normalize: Literal["divide255", "minmax", "percentile", "none"] = "divide255"
-    percentiles: tuple[float, float] = (5.0, 95.0)
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    image_size: int = Field(64, ge=8, le=4096, description="side of the square model input")
+    resize_mode: Literal["stretch", "pad", "crop"] = Field(
+        "stretch", description="how a non-square image becomes square")
+    channels: Literal[1, 3] = Field(3, description="1: grayscale input, 3: RGB")
+    threshold: Literal["none", "fixed", "otsu"] = Field(
+        "none", description="binarise the image (fixed at threshold_value, or Otsu's threshold)")
+    threshold_value: float = Field(125.0, ge=0.0, le=255.0,
+                                   description="the fixed threshold, on a 0-255 scale")
+    morphology: list[Literal["erosion", "dilation", "opening", "closing"]] = Field(
+        [], description="morphological operations with a disk, in order")
+    disk_radius: int = Field(3, ge=1, le=64, description="radius of the morphology disk, pixels")
+    equalize: Literal["none", "adapthist"] = Field(
+        "none", description="adapthist: contrast-limited adaptive histogram equalisation")
+    normalize: Literal["divide255", "minmax", "percentile", "none"] = Field(
+        "divide255", description="per-image intensity scaling to [0, 1]: by the format's maximum, "
+        "the image's min and max, or its percentiles")
+    percentiles: tuple[float, float] = Field(
+        (5.0, 95.0), description="low and high percentile for normalize: percentile")
+    mean: list[float] | None = Field(None, description="per-channel mean to subtract after scaling")
+    std: list[float] | None = Field(None, description="per-channel std to divide by after scaling")
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
@@ -75,18 +95,19 @@ class PreprocessConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    enabled: bool = True
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
-    vflip: float = Field(0.0, ge=0.0, le=1.0)
-    rotation: float = Field(15.0, ge=0.0, le=180.0, description="degrees, +/-")
-    zoom: tuple[float, float] = (0.9, 1.1)
-    translate: float = Field(0.05, ge=0.0, le=0.5, description="fraction of size, +/-")
-    shear: float = Field(0.0, ge=0.0, le=45.0, description="degrees, +/-")
-    crop_scale: float = Field(1.0, gt=0.0, le=1.0, description="random crop area fraction")
-    brightness: float = Field(0.1, ge=0.0, le=1.0)
-    contrast: float = Field(0.1, ge=0.0, le=1.0)
-    gamma: float = Field(0.0, ge=0.0, le=1.0)
-    noise_std: float = Field(0.0, ge=0.0, le=1.0)
+    enabled: bool = Field(True, description="augment training images (validation never is)")
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    vflip: float = Field(0.0, ge=0.0, le=1.0, description="probability of a vertical flip")
+    rotation: float = Field(15.0, ge=0.0, le=180.0, description="rotation, degrees, +/-")
+    zoom: tuple[float, float] = Field((0.9, 1.1), description="zoom factor range")
+    translate: float = Field(0.05, ge=0.0, le=0.5, description="shift, fraction of the size, +/-")
+    shear: float = Field(0.0, ge=0.0, le=45.0, description="shear, degrees, +/-")
+    crop_scale: float = Field(1.0, gt=0.0, le=1.0,
+                              description="random crop of at least this share of the area")
+    brightness: float = Field(0.1, ge=0.0, le=1.0, description="brightness shift, +/-")
+    contrast: float = Field(0.1, ge=0.0, le=1.0, description="contrast factor change, +/-")
+    gamma: float = Field(0.0, ge=0.0, le=1.0, description="gamma exp(+/- this)")
+    noise_std: float = Field(0.0, ge=0.0, le=1.0, description="std of added Gaussian noise")
     tta: Literal["none", "hflip"] = Field(
         "none", description="test-time augmentation for validation and the evaluate job: hflip "
         "averages the logits of each image and its mirror image (whether or not training augments)")
@@ -99,110 +120,73 @@ class AugmentConfig(_Section):
         return self
 
 
-class ActorPool(_Section):
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(2, ge=1)
-    cpus_per_actor: float = Field(0.5, gt=0.0)
-    batch_size: int = Field(
-        32, ge=1, description="files per part, at least: the stage takes whole blocks of the "
-        "file list and processes them in parts of as many files as fill one max_block_mib "
-        "block, so that each part leaves the stage in one piece (docs/performance-log.md); and the "
-        "size of the first, small blocks of the file list")
-    compute: Literal["auto", "actors", "tasks"] = Field(
-        "auto", description="actors: a pool of long-lived processes per epoch; tasks: stateless "
-        "tasks on Ray's reused worker processes (no per-epoch start-up); auto: tasks when "
-        "training runs on CPUs, actors when it runs on GPUs")
-
-    @model_validator(mode="after")
-    def _check(self) -> ActorPool:
-        if self.max_actors < self.min_actors:
-            raise ValueError(
-                f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})"
-            )
-        return self
-
-
 class PipelineConfig(_Section):
-    train: ActorPool = ActorPool()
-    val: ActorPool = ActorPool(min_actors=1, max_actors=1)
-    blocks: int = Field(8, ge=1, description="the file list is cut into at least this many blocks")
-    block_rows: int = Field(
-        512, ge=1, description="and into blocks of at most this many files, so that every actor "
-        "of a large pool gets work; smaller blocks give an earlier first batch but lower steady "
-        "throughput (docs/performance-log.md)")
-    max_block_mib: float = Field(
-        16, gt=0, description="preprocessed batches leave the map stage in blocks of at most "
-        "about this many MiB (Ray Data's default is 128). Each block in flight is held in the "
-        "object store and by its consumer, so this bounds the pipeline's memory whatever the "
-        "dataset size or block_rows (docs/performance-log.md)")
-    prefetch_batches: int = Field(2, ge=0)
-    cache_val_mb: float = Field(
-        512, ge=0, description="a validation set whose preprocessed tensors fit in this many MiB "
-        "is preprocessed once, before training, and kept in Ray's object store (validation is "
-        "deterministic); larger ones stream through the validation actors every epoch. 0: always "
-        "stream")
-    prefetch_next_epoch: bool = Field(
-        True, description="start the next epoch's training pipeline (actor start-up, first batch) "
-        "while the current epoch validates and checkpoints (with one_execution: false)")
-    one_execution: bool = Field(
-        True, description="stream every epoch of a run through one Ray Data execution (slots "
-        "epoch * n + i), so that its start-up (new worker processes or actors, the first "
-        "block) and its drain are paid once per run, not once per epoch; each worker cuts its "
-        "stream into epochs by row count. false: one execution per epoch (with "
-        "prefetch_next_epoch started while the epoch before validates). Falls back to one "
-        "execution per epoch where the cluster cannot hold the training and validation pools "
-        "at once (docs/performance-log.md)")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="data workers (Ray Data tasks) that read, decode, preprocess and "
+        "augment images; auto: as many as the CPUs left after the training workers hold, at "
+        "least 1")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs each data worker reserves")
+    files_per_batch: int = Field(
+        32, ge=1, description="files a data worker processes per task; each task's output is one "
+        "block of that many preprocessed images")
+    prefetch_batches: int = Field(
+        2, ge=0, description="training batches each training worker fetches ahead")
+    cache: bool | Literal["auto"] = Field(
+        "auto", description="keep the decoded, resized, not yet augmented images in Ray's object "
+        "store after the first pass, and augment from there each epoch (validation: the finished "
+        "images); auto: when they fit in a quarter of the smallest node's object store; false: "
+        "read and decode every file every epoch")
     deterministic: bool = Field(
         True, description="the same config gives the same run: blocks reach the training "
-        "workers in file-list order (Ray Data's preserve_order), so which images each worker's "
-        "batches hold does not depend on which task finished first (and on a GPU cuDNN uses "
-        "deterministic kernels). false: blocks go out as their tasks finish, and on several "
-        "nodes preferably to a worker on the node that made them, which may help a large pool "
-        "where one slow block holds up those behind it; on 2 CPUs no difference in speed was "
-        "measured (README, Ablation and tuning)")
-    one_execution_max_rows: int = Field(
-        4_000_000, ge=1, description="with one_execution, at most this many rows (epochs x "
-        "training files) per execution: a longer run streams through one execution per "
-        "max_rows // files epochs, so that the driver never holds a row table of every epoch of "
-        "a big dataset")
+        "workers in file-list order (and on a GPU cuDNN uses deterministic kernels); false: as "
+        "they finish")
 
 
 class ModelConfig(_Section):
-    name: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet18"
-    init: Literal["default", "kaiming", "xavier"] = "kaiming"
-    pretrained: str | None = None
-    zero_init_residual: bool = False
+    name: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = Field(
+        "resnet18", description="the ResNet depth")
+    init: Literal["default", "kaiming", "xavier"] = Field(
+        "kaiming", description="weight initialisation: He, Glorot, or PyTorch's")
+    pretrained: str | None = Field(
+        None, description="a torchvision-format ResNet state_dict file to start from")
+    zero_init_residual: bool = Field(
+        False, description="start each residual block's last BatchNorm at zero")
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(0.05, ge=0.0)
-    batch_size: int = Field(32, ge=1, description="global batch, split across workers")
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0.0)
-    use_gpu: bool | Literal["auto"] = "auto"
-    gpus_per_worker: float = Field(1.0, gt=0.0)
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
+    epochs: int = Field(10, ge=1, description="training epochs")
+    lr: float = Field(0.05, ge=0.0, description="peak learning rate")
+    batch_size: int = Field(32, ge=1, description="global training batch, split across workers")
+    num_workers: int = Field(2, ge=1, description="data-parallel training workers")
+    cpus_per_worker: float = Field(
+        0.5, gt=0.0, description="CPUs each training worker reserves (and its torch threads, "
+        "rounded, at least 1)")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: when the cluster has GPUs")
+    gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs each training worker reserves")
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("sgd", description="optimiser")
     momentum: float | None = Field(
-        None, ge=0.0, lt=1.0, description="SGD's and RMSprop's momentum; None = each one's usual "
-        "value: 0.9 for SGD, 0 for RMSprop (with 0.9, RMSprop's early steps are about 25x the "
-        "learning rate and a small run diverges)")
-    nesterov: bool = False
-    weight_decay: float = Field(1e-4, ge=0.0)
+        None, ge=0.0, lt=1.0, description="SGD's and RMSprop's momentum; null: each one's usual "
+        "value, 0.9 for SGD and 0 for RMSprop (with 0.9 RMSprop's early steps are about 25x the "
+        "learning rate)")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD)")
+    weight_decay: float = Field(1e-4, ge=0.0, description="weight decay")
     schedule: Literal["none", "step", "multistep", "exponential", "cosine", "plateau", "onecycle"] = (
-        "cosine"
-    )
-    warmup_epochs: int = Field(0, ge=0)
-    step_size: int = Field(5, ge=1)
-    gamma: float = Field(0.1, gt=0.0, le=1.0)
-    milestones: list[int] = [30, 60]
-    plateau_metric: Literal["val_loss", "val_auc"] = "val_loss"
-    plateau_patience: int = Field(2, ge=0)
-    loss: Literal["ce", "weighted_ce", "focal"] = "weighted_ce"
-    class_weights: list[float] | None = None
-    focal_gamma: float = Field(2.0, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    grad_clip: float | None = Field(None, gt=0.0)
+        Field("cosine", description="per-epoch learning-rate schedule"))
+    warmup_epochs: int = Field(0, ge=0, description="epochs of linear warm-up before the schedule")
+    step_size: int = Field(5, ge=1, description="schedule step: epochs between decays")
+    gamma: float = Field(0.1, gt=0.0, le=1.0,
+                         description="step/multistep/exponential/plateau: decay factor")
+    milestones: list[int] = Field([30, 60], description="schedule multistep: epochs of the decays")
+    plateau_metric: Literal["val_loss", "val_auc"] = Field(
+        "val_loss", description="schedule plateau: the metric watched")
+    plateau_patience: int = Field(2, ge=0, description="schedule plateau: epochs without progress")
+    loss: Literal["ce", "weighted_ce", "focal"] = Field(
+        "weighted_ce", description="cross-entropy, weighted by inverse class prevalence, or focal")
+    class_weights: list[float] | None = Field(
+        None, description="explicit class weights (default: N / (K n_k) from the training counts)")
+    focal_gamma: float = Field(2.0, ge=0.0, description="loss focal: the focusing exponent")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this")
     mixup_alpha: float = Field(
         0.0, ge=0.0, description="mixup: train on convex mixes of image pairs (and their losses), "
         "mixing weight ~ Beta(alpha, alpha); 0 = off")
@@ -210,31 +194,34 @@ class TrainConfig(_Section):
         None, gt=0.0, lt=1.0, description="validate, checkpoint and evaluate an exponential moving "
         "average of the weights (and BatchNorm statistics), updated every step with this decay")
     bn_stats: Literal["precise", "ema"] = Field(
-        "precise", description="BatchNorm running statistics, which validation and checkpoints use. "
-        "precise: after each epoch, recomputed with the epoch's final weights over its last "
-        "bn_stats_samples training images (a forward pass, no gradients); ema: PyTorch's "
-        "exponential average (momentum 0.1) of the training batches' statistics, which with few "
-        "steps per epoch still holds earlier weights' statistics (and the initial 0 and 1)")
+        "precise", description="BatchNorm statistics that validation and checkpoints use. "
+        "precise: recomputed after each epoch with its final weights over its last "
+        "bn_stats_samples training images; ema: PyTorch's running average over the steps")
     bn_stats_samples: int = Field(
         512, ge=2, description="training images per worker that bn_stats: precise recomputes the "
-        "statistics over (the epoch's last ones, kept on the training device)")
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
-    seed: int = 0
-    overfit_subset: int | None = Field(None, ge=1)
-    overfit_loss: float = Field(0.1, gt=0.0)
-    grad_spike_factor: float = Field(10.0, gt=1.0)
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="decision threshold (binary)")
-    max_failures: int = Field(0, ge=-1)
-    torch_threads: int | None = Field(None, ge=1)
+        "statistics over")
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="mixed precision on GPUs (fp16 with a grad scaler)")
+    channels_last: bool = Field(False, description="channels-last memory format on GPUs")
+    seed: int = Field(0, description="seed of initialisation, file order and augmentation")
+    overfit_subset: int | None = Field(
+        None, ge=1, description="overfit check: train on this many images, no augmentation")
+    overfit_loss: float = Field(0.1, gt=0.0,
+                                description="overfit check: the final training loss must fall below this")
+    grad_spike_factor: float = Field(
+        10.0, gt=1.0, description="warn when a gradient norm exceeds this times the running median")
+    threshold: float = Field(0.5, ge=0.0, le=1.0,
+                             description="decision threshold on the positive class's score (binary)")
+    max_failures: int = Field(0, ge=-1, description="restarts from the last checkpoint after a failure")
 
 
 class CheckpointConfig(_Section):
     metric: Literal[
         "val_auc", "val_loss", "val_acc", "val_balanced_acc", "val_pr_auc", "val_f1"
-    ] = "val_auc"
-    mode: Literal["auto", "max", "min"] = "auto"
-    num_to_keep: int = Field(2, ge=1)
+    ] = Field("val_auc", description="the validation metric that ranks checkpoints")
+    mode: Literal["auto", "max", "min"] = Field(
+        "auto", description="auto: min for val_loss, else max")
+    num_to_keep: int = Field(2, ge=1, description="best checkpoints kept (and always the latest)")
 
     @property
     def resolved_mode(self) -> str:
@@ -246,11 +233,13 @@ class CheckpointConfig(_Section):
 class RunConfig(_Section):
     name: str | None = Field(
         None, min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$",
-        description="None: <config name>-<date>-<time>; an existing name resumes that run",
+        description="null: <config name>-<date>-<time>; an existing name resumes that run",
     )
-    storage_path: str = "~/raypipe-results"
-    resume: bool = True
-    tensorboard: bool = True
+    storage_path: str = Field("~/raypipe-results",
+                              description="where runs are written, local or s3:// / gs://")
+    tensorboard: bool = Field(True, description="write TensorBoard events")
+    verbose: bool = Field(
+        False, description="also show what Ray's workers print and Ray's INFO lines (--verbose)")
 
 
 class Config(_Section):
@@ -388,16 +377,35 @@ def build_config(tree: dict, source: str = "config") -> Config:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Load ``path`` (default: ``configs/default.yaml``), apply dotted overrides, validate."""
-    tree = load_yaml(path or CONFIG_DIR / "default.yaml")
-    source = str(path or "configs/default.yaml")
+def _apply(tree: dict, overrides: list[str], source: str) -> Config:
     for text in overrides:
         keys, value = parse_override(text)
         _set_dotted(tree, keys, value)
     if overrides:
         source += " + overrides " + " ".join(overrides)
     return build_config(tree, source)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load ``path`` (default: ``configs/default.yaml``), apply dotted overrides, validate."""
+    return _apply(load_yaml(path or CONFIG_DIR / "default.yaml"), list(overrides),
+                  str(path or "configs/default.yaml"))
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with dotted overrides applied, validated."""
+    return _apply(cfg.to_dict(), list(overrides), "config") if overrides else cfg
+
+
+def config_help() -> str:
+    """Every config key, one line each: ``section.key = default  description``."""
+    lines = []
+    for section, field in Config.model_fields.items():
+        for name, sub in field.annotation.model_fields.items():
+            default = yaml.safe_dump(sub.get_default(call_default_factory=True),
+                                     default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"  {section}.{name} = {default}  {sub.description or ''}".rstrip())
+    return "\n".join(lines)
 
 
 def config_to_yaml(cfg: Config) -> str:

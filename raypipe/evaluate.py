@@ -32,13 +32,10 @@ from raypipe.data.sources import (
     join_uri,
     list_manifest,
 )
+from raypipe.training import checkpoints as ckpts
 from raypipe.training.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pt"
-META_FILE = "meta.json"
-
 
 class EvaluationError(DataSourceError):
     """The checkpoint or the data to evaluate is unusable; the message says how to fix it.
@@ -48,50 +45,52 @@ class EvaluationError(DataSourceError):
 # ---------------------------------------------------------------- checkpoint
 
 
-def _is_checkpoint(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(posixpath.join(path, META_FILE)).type == pafs.FileType.File
-
-
 def resolve_checkpoint(uri: str) -> str:
-    """The checkpoint directory named by ``uri``: a ``checkpoint_epochNNNN`` folder, or a run
-    directory (its ``summary.json``'s best checkpoint)."""
+    """The complete checkpoint named by ``uri``: a ``checkpoint_epochNNNN`` folder, or a run
+    directory (its best complete checkpoint by the run's own metric)."""
     fs, path = get_filesystem(uri)
-    if _is_checkpoint(fs, path):
+    try:
+        is_folder = fs.get_file_info(posixpath.join(path, ckpts.META_FILE)).type == pafs.FileType.File
+        summary_file = posixpath.join(path, "summary.json")
+        has_summary = fs.get_file_info(summary_file).type == pafs.FileType.File
+    except OSError as exc:
+        raise EvaluationError(f"cannot reach '{uri}': {exc}. Check the path and the credentials.") from exc
+    if is_folder:
+        reason = ckpts.incomplete_reason(uri)
+        if reason is not None:
+            raise EvaluationError(
+                f"checkpoint '{uri}' is not complete: {reason}. Its run stopped while it was "
+                "being written; pass another checkpoint folder, or the run directory to use its "
+                "best complete checkpoint.")
         return uri
-    summary = posixpath.join(path, "summary.json")
-    if fs.get_file_info(summary).type == pafs.FileType.File:
-        with fs.open_input_stream(summary) as f:
-            best = json.loads(f.read().decode()).get("best_checkpoint")
+    if has_summary or ckpts.list_checkpoints(uri):
+        metric, mode = "val_auc", "max"
+        if has_summary:
+            with fs.open_input_stream(summary_file) as f:
+                summary = json.loads(f.read().decode())
+            metric, mode = summary.get("metric", metric), summary.get("mode", mode)
+        best, _ = ckpts.best_complete(uri, metric, mode)
         if best:
             return best
     raise EvaluationError(
-        f"'{uri}' is neither a checkpoint folder (holding {META_FILE} and {MODEL_FILE}) nor a run "
-        "directory with a summary.json naming its best checkpoint. Pass --checkpoint "
-        "<run dir>/checkpoint_epochNNNN or the run directory."
+        f"'{uri}' is neither a complete checkpoint folder (holding {ckpts.META_FILE}, "
+        f"{ckpts.MODEL_FILE} and {ckpts.MARKER_FILE}) nor a run directory with one. Pass "
+        "--checkpoint <run dir>/checkpoint_epochNNNN or the run directory."
     )
 
 
 def load_checkpoint(uri: str) -> tuple[dict, dict]:
-    """(meta, model state dict) of the checkpoint at ``uri`` (local or object storage)."""
-    import torch
-
+    """(meta, model state dict) of the complete checkpoint at ``uri`` (local or object storage)."""
     uri = resolve_checkpoint(uri)
-    fs, path = get_filesystem(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in (META_FILE, MODEL_FILE):
-            try:
-                pafs.copy_files(posixpath.join(path, name), os.path.join(tmp, name),
-                                source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-            except (OSError, FileNotFoundError) as exc:
-                raise EvaluationError(f"cannot read '{name}' in checkpoint '{uri}': {exc}") from exc
-        with open(os.path.join(tmp, META_FILE)) as f:
-            meta = json.load(f)
-        state = torch.load(os.path.join(tmp, MODEL_FILE), map_location="cpu", weights_only=True)
+    try:
+        state, meta = ckpts.read_checkpoint(uri)
+    except (OSError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise EvaluationError(f"cannot read checkpoint '{uri}': {exc}") from exc
     for key in ("config", "class_names", "model"):
         if key not in meta:
             raise EvaluationError(
-                f"checkpoint '{uri}': {META_FILE} has no '{key}' entry (keys: {sorted(meta)}). It was "
-                "not written by this version of raypipe's training job."
+                f"checkpoint '{uri}': {ckpts.META_FILE} has no '{key}' entry (keys: {sorted(meta)}). "
+                "It was not written by this version of raypipe's training job."
             )
     meta["checkpoint"] = uri
     return meta, state["model"]

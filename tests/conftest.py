@@ -20,6 +20,19 @@ TAME = ("train.lr=0.01", "train.grad_clip=1.0")
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# fixtures that start Ray (or a server a job talks to); a test that uses one is marked ``ray``
+RAY_FIXTURES = {"ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tiers: a test that uses a Ray fixture is ``ray``; one that is neither ``ray`` nor
+    ``slow`` (end-to-end jobs in subprocesses, servers, clusters) is ``fast``: pure Python, no
+    Ray, no subprocess jobs (``python -m pytest -m fast``)."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+        if not any(item.iter_markers(name) for name in ("ray", "slow")):
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +43,6 @@ def ray_cluster():
 
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=False,
                    log_to_driver=False, ignore_reinit_error=True)
-    from raypipe.data.pipeline import configure_data_context
-
-    configure_data_context(show_progress=False)
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 
@@ -119,99 +129,3 @@ def kill_cluster(temp_dir: str) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(victims, timeout=10)
-
-
-def ray_snapshot(registered: list[str], latest: str | None = None) -> str:
-    """``checkpoint_manager_snapshot.json`` as Ray Train writes it (its own model, so a change of
-    Ray's format fails here)."""
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
-        _CheckpointManagerState,
-        _TrainingResultState,
-    )
-
-    def result(name):
-        return _TrainingResultState(checkpoint_dir_name=name, metrics={"epoch": 0})
-
-    return _CheckpointManagerState(
-        checkpoint_results=[result(n) for n in registered],
-        checkpoint_report_indices=list(range(len(registered))),
-        latest_checkpoint_result=result(latest) if latest else None,
-        pending_training_results=[], pending_validation_specs=[], current_report_index=0,
-        validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
-        failed_validation_checkpoint_dir_names=[],
-    ).model_dump_json()
-
-
-def record_cpu_limits(ds, into: list) -> None:
-    """Append (monotonic time, CPU limit) to ``into`` at every scheduling step of ``ds``'s
-    executions, in whichever process runs them (``into`` is only read back from the driver's)."""
-    import time
-
-    from ray.data._internal.execution.execution_callback import ExecutionCallback
-
-    class RecordLimits(ExecutionCallback):  # local: sent by value with the dataset's context
-        def on_execution_step(self, executor) -> None:
-            into.append((time.monotonic(), executor._resource_manager._global_limits.cpu))
-
-    ds.context.custom_execution_callback_classes = [
-        *ds.context.custom_execution_callback_classes, RecordLimits]
-
-
-def new_execution_cpus() -> float:
-    """The CPUs Ray Data gives a new execution of raypipe's on the shared cluster now."""
-    import time
-
-    import ray
-
-    from raypipe.config import load_config
-    from raypipe.data import pipeline
-
-    seen: list[tuple[float, float]] = []
-    probe = pipeline._bounded(ray.data.range(1), load_config(None, []))
-    record_cpu_limits(probe, seen)
-    probe.map_batches(lambda b: (time.sleep(0.3), b)[1], batch_size=None).materialize()
-    return max((cpu for _, cpu in seen), default=0.0)
-
-
-def reservations() -> dict[str, dict]:
-    """What Ray Data's autoscaling coordinator holds for each requester on the shared cluster
-    (``data-<execution>``: a Ray Data execution; ``train-<run>``: a Ray Train run's workers):
-    its priority, the CPUs reserved to it, and the seconds until its last ask expires."""
-    import time
-
-    import ray
-
-    try:
-        actor = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-    except ValueError:  # no execution has asked yet
-        return {}
-
-    def held(coordinator) -> dict:
-        now = time.time()
-        return {rid: {"priority": r.priority, "expires_in_s": round(r.expiration_time - now, 1),
-                      "cpus": sum(node.get("CPU", 0) for node in r.reserved_resources.values())}
-                for rid, r in coordinator._ongoing_reqs.items() if r.expiration_time > now}
-
-    return ray.get(actor.__ray_call__.remote(held))
-
-
-def wait_for_full_share(cpus: float = 2.0, timeout_s: float = 60.0) -> None:
-    """Until the shared cluster's CPUs are free and a new Ray Data execution is given all of
-    them, for tests that time the data stage's lanes: an earlier test's actors may still be
-    ending, and a process killed in the middle of an execution (the fault tests kill several)
-    keeps its share for up to ``raypipe.data.pipeline.RESERVATION_EXPIRE_S``."""
-    import time
-
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        free, given = ray.available_resources().get("CPU", 0.0), 0.0
-        if free >= cpus:
-            given = new_execution_cpus()
-            if given >= cpus:
-                return
-        assert time.monotonic() < deadline, (
-            f"after {timeout_s} s: {free} of the cluster's CPUs free, a new execution given "
-            f"{given}; reserved: {reservations()}")
-        time.sleep(1.0)

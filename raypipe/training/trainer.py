@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -14,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -30,115 +28,92 @@ from raypipe.data.sources import (
     label_counts,
     subset,
 )
+from raypipe.report.console import RunProgress
+from raypipe.training import checkpoints
 from raypipe.training.doctor import TrainingDiverged
 from raypipe.training.losses import loss_facts, loss_text
-from raypipe.training.worker import CHECKPOINT_PREFIX, DIVERGED_FILE, train_func
+from raypipe.training.worker import DIVERGED_FILE, train_func
 
 log = logging.getLogger(__name__)
 
 
 class ResourceError(RuntimeError):
-    """The requested workers and data actors cannot fit the cluster."""
+    """The requested workers and data workers cannot fit the cluster."""
 
 
 class RunError(RuntimeError):
     """The training run failed; the message holds the root cause."""
 
 
+# total CPUs / GPUs an autoscaling cluster can grow to, set on its nodes by the cluster config
+# (cluster/*.yaml): without them, a cluster that starts small is taken at its present size
+MAX_ENV = {"CPU": "RAYPIPE_MAX_CPUS", "GPU": "RAYPIPE_MAX_GPUS"}
+
+
 @dataclass
 class Layout:
     use_gpu: bool
     train_cpus: float
-    data_cpus: float
+    data_workers: int
     total_cpus: float
     total_gpus: float
 
 
-def resolve_layout(cfg: Config, resources: dict[str, float]) -> Layout:
-    """Check that trainer workers and the smallest data actor pools fit ``resources``
-    (``ray.cluster_resources()``); raise :class:`ResourceError` saying what to change if not."""
+def cluster_capacity() -> tuple[dict[str, float], bool]:
+    """(the CPUs and GPUs the cluster has or can scale to, whether that is its known maximum):
+    ``ray.cluster_resources()`` raised to ``RAYPIPE_MAX_CPUS`` / ``RAYPIPE_MAX_GPUS`` where the
+    cluster's nodes set them."""
+
+    import ray
+
+    capacity = {k: float(v) for k, v in ray.cluster_resources().items() if k in MAX_ENV}
+    known = False
+    for key, env in MAX_ENV.items():
+        raw = os.environ.get(env)
+        if raw is None:
+            continue
+        try:
+            most = float(raw)
+        except ValueError:
+            raise ResourceError(f"{env}={raw!r} is not a number. Set it (in the cluster config) to "
+                                f"the most {key}s the cluster can scale to, or unset it.") from None
+        capacity[key], known = max(capacity.get(key, 0.0), most), True
+    return capacity, known
+
+
+def resolve_layout(cfg: Config, resources: dict[str, float], known_max: bool = True) -> Layout:
+    """Where the training workers and the data workers go. Raises :class:`ResourceError` saying
+    what to change when they cannot fit ``resources`` (the cluster's CPUs and GPUs, at most
+    what it can scale to); where ``known_max`` is False (an autoscaling cluster that did not say
+    how far it grows) a shortfall is only warned about and Ray's autoscaler is left to try."""
     t, p = cfg.train, cfg.pipeline
     total_cpus = float(resources.get("CPU", 0))
     total_gpus = float(resources.get("GPU", 0))
     use_gpu = total_gpus > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
+    problems = []
     if use_gpu and t.num_workers * t.gpus_per_worker > total_gpus:
-        raise ResourceError(
+        problems.append(
             f"train.num_workers={t.num_workers} x train.gpus_per_worker={t.gpus_per_worker} GPUs "
             f"requested, the cluster has {total_gpus:g} GPUs. Lower train.num_workers, set "
-            "train.use_gpu=false, or add GPU nodes."
-        )
+            "train.use_gpu=false, or add GPU nodes.")
     train_cpus = t.num_workers * t.cpus_per_worker
-    data_cpus = max(p.train.min_actors * p.train.cpus_per_actor,
-                    p.val.min_actors * p.val.cpus_per_actor)
+    data_cpus = p.cpus_per_worker
     if train_cpus + data_cpus > total_cpus + 1e-9:
-        raise ResourceError(
+        problems.append(
             f"the run needs {train_cpus:g} CPUs for training (train.num_workers={t.num_workers} "
-            f"x train.cpus_per_worker={t.cpus_per_worker}) plus {data_cpus:g} for the data "
-            f"actors (pipeline.train.min_actors x pipeline.train.cpus_per_actor), but the "
-            f"cluster has {total_cpus:g} CPUs. Without CPUs left for Ray Data the job would hang. "
-            "Lower train.num_workers or train.cpus_per_worker (e.g. 0.5), or "
-            "pipeline.*.cpus_per_actor, or add nodes."
-        )
-    return Layout(use_gpu, train_cpus, data_cpus, total_cpus, total_gpus)
-
-
-def both_pools_cpus(cfg: Config) -> float:
-    """CPUs of the smallest training and validation actor pools alive at the same time."""
-    p = cfg.pipeline
-    return p.train.min_actors * p.train.cpus_per_actor + p.val.min_actors * p.val.cpus_per_actor
-
-
-def overlaps_validation(cfg: Config, layout: Layout, val_images: int) -> bool:
-    """Whether the training stream may run while the epoch validates: the validation set is
-    preprocessed once and kept (``pipeline.cache_val_mb``; it then needs no CPUs), or the cluster
-    holds the smallest training and validation pools at once. Where it may not, a training
-    stream that runs on would hold the CPUs the validation pool waits for."""
-    return (pipeline.caches_val(cfg, val_images)
-            or layout.total_cpus + 1e-9 >= layout.train_cpus + both_pools_cpus(cfg))
-
-
-def cluster_capacity() -> dict[str, float]:
-    """``ray.cluster_resources()`` raised to what the cluster's autoscaler can grow it to, so that
-    a job on an autoscaling cluster that starts with zero workers is not refused up front."""
-    capacity = {k: float(v) for k, v in ray.cluster_resources().items()}
-    for key, most in autoscaling_max_resources().items():
-        capacity[key] = max(capacity.get(key, 0.0), float(most))
-    return capacity
-
-
-def autoscaling_max_resources() -> dict[str, float]:
-    """The most of each resource the autoscaler may provide; empty when there is no autoscaler.
-
-    Autoscaler v2 (KubeRay) publishes its node groups' maxima in the GCS. Autoscaler v1 only has
-    its YAML: the cluster launcher's copy on the head node (where ``ray job submit`` runs the
-    job), or the file named by ``RAYPIPE_AUTOSCALING_CONFIG`` (set it for ``ray start
-    --autoscaling-config``, as cluster/local.yaml shows).
-    """
-    import os
-
-    import yaml
-
-    try:
-        found = ray._private.state.state.get_max_resources_from_cluster_config()
-    except Exception:  # older GCS or not connected: fall back to the YAML
-        found = None
-    if found:
-        return {k: float(v) for k, v in found.items()}
-    path = os.environ.get("RAYPIPE_AUTOSCALING_CONFIG") or os.path.expanduser(
-        "~/ray_bootstrap_config.yaml"
-    )
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f) or {}
-        types = config.get("available_node_types") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return {}
-    total: dict[str, float] = {}
-    for name, node_type in types.items():
-        count = 1 if name == config.get("head_node_type") else node_type.get("max_workers", 0) or 0
-        for key, value in (node_type.get("resources") or {}).items():
-            total[key] = total.get(key, 0.0) + count * float(value)
-    return total
+            f"x train.cpus_per_worker={t.cpus_per_worker}) plus at least {data_cpus:g} for a data "
+            f"worker (pipeline.cpus_per_worker), but the cluster has {total_cpus:g} CPUs. "
+            "Without CPUs left for Ray Data the job would hang. Lower train.num_workers or "
+            "train.cpus_per_worker (e.g. 0.5), or pipeline.cpus_per_worker, or add nodes.")
+    if problems and known_max:
+        raise ResourceError(" ".join(problems))
+    for problem in problems:
+        log.warning("%s Going on: the cluster may scale up (set RAYPIPE_MAX_CPUS / "
+                    "RAYPIPE_MAX_GPUS on its nodes to have this checked up front; Ray Train waits "
+                    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default, for its workers).",
+                    problem)
+    workers = pipeline.data_workers(cfg, max(total_cpus - train_cpus, p.cpus_per_worker))
+    return Layout(use_gpu, train_cpus, workers, total_cpus, total_gpus)
 
 
 def run_dir_of(cfg: Config) -> str:
@@ -184,53 +159,6 @@ def _read_json(uri: str) -> Any:
         return None
 
 
-# Ray Train's own record, in the run directory, of the checkpoints it registered
-CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
-    """Delete the ``checkpoint_epochNNNN`` folders of ``run_dir`` that Ray Train never registered
-    and return their URIs. A worker writes a checkpoint's files straight into its final folder
-    and Ray registers it (in ``checkpoint_manager_snapshot.json``) once they are all written, so
-    an interrupt or crash in between leaves a half-written folder (a truncated ``model.pt``) that
-    resuming ignores but a person or ``jobs/evaluate.py`` could pick up. Nothing is deleted when
-    the snapshot exists but cannot be read."""
-    text = _read_text(join_uri(run_dir, CHECKPOINT_SNAPSHOT))
-    registered: set[str] = set()
-    if text is not None:
-        try:
-            snapshot = json.loads(text)
-            results = [*snapshot.get("checkpoint_results", []),
-                       *snapshot.get("pending_training_results", []),
-                       snapshot.get("latest_checkpoint_result") or {}]
-            registered = {r["checkpoint_dir_name"] for r in results if r}
-        except (ValueError, TypeError, KeyError, AttributeError):
-            log.warning("cannot read %s; leaving the checkpoint folders as they are",
-                        join_uri(run_dir, CHECKPOINT_SNAPSHOT))
-            return []
-    fs, path = get_filesystem(run_dir)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError:
-        return []
-    removed = []
-    for entry in entries:
-        name = entry.base_name
-        if (entry.type != pafs.FileType.Directory or not name.startswith(CHECKPOINT_PREFIX)
-                or name in registered):
-            continue
-        uri = join_uri(run_dir, name)
-        try:
-            fs.delete_dir(entry.path)
-        except OSError as exc:
-            log.warning("cannot remove the unfinished checkpoint %s: %s", uri, exc)
-            continue
-        removed.append(uri)
-        log.warning("removed %s: Ray Train never registered it (the run stopped while it was "
-                    "being written)", uri)
-    return removed
-
-
 def validate_split(split: DatasetSplit, cfg: Config) -> None:
     """Problems that would only show after minutes of training: fail now, clearly."""
     val_labels = {r.label for r in split.val}
@@ -274,24 +202,13 @@ def check_pretrained(cfg: Config, num_classes: int) -> None:
 def build_trainer(
     cfg: Config, split: DatasetSplit, train_records: list[Record] | None = None,
     callbacks: list | None = None, stop_gate: Any = None,
-) -> tuple[TorchTrainer, Any, Any]:
-    """A ready-to-fit TorchTrainer, the bad-file ledger and the epoch clock actors.
+) -> tuple[TorchTrainer, pipeline.Datasets]:
+    """A ready-to-fit TorchTrainer and its datasets (with their bad-file ledger and epoch clock).
     ``stop_gate`` (a search scheduler's :class:`~raypipe.tune.stopping.StopGate`) is asked after
     each epoch but the last whether to go on."""
-    layout = resolve_layout(cfg, cluster_capacity())
-    cfg = pipeline.resolve_compute(cfg, layout.use_gpu)
+    layout = resolve_layout(cfg, *cluster_capacity())
     records = split.train if train_records is None else train_records
-    # one stream for the whole run runs on while each epoch validates: where that would starve
-    # the validation pool, one execution per epoch, started after validation
-    overlap = overlaps_validation(cfg, layout, len(split.val))
-    wanted = cfg.pipeline.one_execution
-    whole_run = wanted and overlap
-    if wanted and not whole_run:
-        log.info("pipeline.one_execution: one execution per epoch instead, since the cluster "
-                 "cannot hold the training stream and the validation pool at once (%g CPUs; "
-                 "raise pipeline.cache_val_mb to keep the validation set preprocessed)",
-                 layout.total_cpus)
-    train_ds, val_ds, ledger, clock = pipeline.build_datasets(cfg, split, records, whole_run)
+    data = pipeline.build_datasets(cfg, split, records, layout.data_workers)
     loss = run_loss_facts(cfg, split, records)
     log.info("loss: %s", loss_text(loss))
     facts = {
@@ -299,14 +216,8 @@ def build_trainer(
         # None for plain cross-entropy, which has no use for them
         "class_weights": list(loss["class_weights"].values()) if loss["class_weights"] else None,
         "run_dir": run_dir_of(cfg),
-        "clock": clock,
+        "clock": data.clock,
         "data": split.counts(),
-        # a preprocessed (materialized) validation set needs no actors while it is read
-        "overlap_validation": overlap,
-        "whole_run": whole_run,
-        "train_rows": len(records),
-        "epochs_per_execution": pipeline.epochs_per_execution(cfg, len(records)),
-        "ledger": ledger,
         "stop_gate": stop_gate,
     }
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -332,10 +243,10 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or [],
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": data.train, "val": data.val},
         dataset_config=pipeline.dataset_config(cfg.pipeline.deterministic),
     )
-    return trainer, ledger, clock
+    return trainer, data
 
 
 # our own errors, most specific first: when one of them is anywhere in the failure, it is the story
@@ -378,15 +289,6 @@ def _root_cause(exc: BaseException) -> str:
     return msgs[-1] if msgs else str(exc)
 
 
-def _best(result, metric: str, mode: str) -> tuple[Any, dict]:
-    pairs = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
-    pairs = [(c, m) for c, m in pairs if not math.isnan(float(m[metric]))] or pairs
-    if not pairs:
-        return None, {}
-    sign = 1 if mode == "max" else -1
-    return max(pairs, key=lambda cm: sign * float(cm[1][metric]))
-
-
 def overfit_report(cfg: Config, history: list[dict]) -> dict:
     """``final_train_loss`` and, in overfit mode (``train.overfit_subset``), ``overfit_passed``:
     whether the last epoch's training loss fell below ``train.overfit_loss`` (None otherwise).
@@ -401,18 +303,12 @@ def overfit_report(cfg: Config, history: list[dict]) -> dict:
     return {"final_train_loss": final, "overfit_passed": passed}
 
 
-def checkpoint_uri(cfg: Config, checkpoint) -> str:
-    path = checkpoint.path
-    if "://" in cfg.run.storage_path:
-        return cfg.run.storage_path.split("://", 1)[0] + "://" + path.lstrip("/")
-    return path
-
-
 def run_training(
     cfg: Config, split: DatasetSplit | None = None, train_records: list[Record] | None = None,
-    callbacks: list | None = None, stop_gate: Any = None,
+    callbacks: list | None = None, stop_gate: Any = None, progress: bool = False,
 ) -> dict:
-    """Run one training job end to end; returns (and writes) ``summary.json``'s content."""
+    """Run one training job end to end; returns (and writes) ``summary.json``'s content.
+    ``progress``: show a progress bar and each epoch's line on this process's console."""
     t0 = time.time()
     if split is None:
         split = discover(cfg.data)  # which logs the split
@@ -427,15 +323,20 @@ def run_training(
     if train_records is not None:
         log.info("training on %d of the %d training images", len(train_records), len(split.train))
     _remove(join_uri(run_dir, DIVERGED_FILE))  # a resumed run starts healthy
-    remove_unregistered_checkpoints(run_dir)  # left by an earlier run that was killed
-    trainer, ledger, clock = build_trainer(cfg, split, train_records, callbacks, stop_gate)
+    resume = checkpoints.latest_complete(run_dir)
+    start = checkpoints.epoch_of(resume) + 1 if resume else 0
+    if resume:
+        log.info("resuming %s after epoch %d (%s)", cfg.run.name, start, resume)
+    trainer, data = build_trainer(cfg, split, train_records, callbacks, stop_gate)
     records = split.train if train_records is None else train_records
     try:
-        return _fit_and_summarise(cfg, split, records, trainer, ledger, t0)
+        with RunProgress(data.clock, cfg.train.epochs, start, enabled=progress,
+                         metric=cfg.checkpoint.metric):
+            return _fit_and_summarise(cfg, split, records, trainer, data.ledger, t0)
     finally:
         # the data stage's task processes keep a few pipelines' handles to these actors (see
-        # pipeline.process_batch), which would keep them alive after the run
-        pipeline.release(ledger, clock)
+        # pipeline.process_block), which would keep them alive after the run
+        pipeline.release(data.ledger, data.clock)
 
 
 def _fit_and_summarise(cfg: Config, split: DatasetSplit, records: list[Record],
@@ -462,7 +363,7 @@ def _fit_and_summarise(cfg: Config, split: DatasetSplit, records: list[Record],
         raise TrainingDiverged(diverged)
     bad = _bad_files(ledger)
     metric, mode = cfg.checkpoint.metric, cfg.checkpoint.resolved_mode
-    best_ckpt, best_metrics = _best(result, metric, mode)
+    best_ckpt, best_metrics = checkpoints.best_complete(run_dir, metric, mode)
     history = _read_json(join_uri(run_dir, "history.json")) or []
     data, skipped = file_accounting(split, records, bad)
     summary = {
@@ -472,7 +373,7 @@ def _fit_and_summarise(cfg: Config, split: DatasetSplit, records: list[Record],
         "mode": mode,
         "best_value": best_metrics.get(metric),
         "best_epoch": best_metrics.get("epoch"),
-        "best_checkpoint": checkpoint_uri(cfg, best_ckpt) if best_ckpt else None,
+        "best_checkpoint": best_ckpt,
         "best_metrics": {k: v for k, v in best_metrics.items() if isinstance(v, int | float)},
         "history": history,
         "data": data,
@@ -487,38 +388,18 @@ def _fit_and_summarise(cfg: Config, split: DatasetSplit, records: list[Record],
     return summary
 
 
-# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
-# default), and a worker's result queue holds one report: each ``ray.train.report`` waits for the
-# poll that takes the previous one. Epochs shorter than the interval (small subsets, overfit
-# checks, tiny runs) were held to one per 2 s. raypipe polls faster when the user has not chosen:
-# about 20 worker polls a second in all, between every 0.1 s and Ray's 2 s.
-POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-
-
-def poll_interval_s(num_workers: int) -> float:
-    """The controller's poll interval for ``num_workers`` training workers."""
-    return min(2.0, max(0.1, num_workers / 20))
-
-
 def fit(trainer: TorchTrainer):
     """``trainer.fit()``; every ``fit`` of a raypipe process goes through here. In the main thread
     ``fit`` installs a SIGINT handler that holds the run's controller actor and is never removed:
-    in a process that trains more than once, each finished run's controller and its data actors
-    would live on until the next run. The previous handler is put back, so they go with the run.
-    The controller's poll interval (see ``POLL_ENV``) is set for the run, where Ray Train reads it
-    (and passes it on to the controller), and taken away after it."""
+    in a process that trains more than once, each finished run's controller and its data workers
+    would live on until the next run. The previous handler is put back, so they go with the run."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
-    user_set = POLL_ENV in os.environ
-    if not user_set:
-        os.environ[POLL_ENV] = f"{poll_interval_s(trainer.scaling_config.num_workers):g}"
     try:
         return trainer.fit()
     finally:
         if previous is not None:  # None: not the main thread, or a handler not set from Python
             signal.signal(signal.SIGINT, previous)
-        if not user_set:
-            os.environ.pop(POLL_ENV, None)
 
 
 _STORAGE_ERRORS = ("No space left", "Errno 28", "Read-only file system", "Errno 30",
@@ -582,10 +463,6 @@ def _write_partial_summary(
     """Best effort: what an interrupted or failed run had done (epochs so far, files skipped),
     so nothing is lost silently. Checkpoints already reported stay valid for resuming."""
     run_dir = run_dir_of(cfg)
-    try:
-        remove_unregistered_checkpoints(run_dir)
-    except Exception:  # noqa: BLE001 - a partial summary must not hide the original error
-        log.warning("could not check %s for unfinished checkpoints", run_dir, exc_info=True)
     data, skipped = file_accounting(split, records, _bad_files(ledger, timeout=10.0))
     summary = {
         "status": status,

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -19,10 +17,9 @@ import torch
 import torch.distributed as dist
 
 from raypipe.config import Config
-from raypipe.data.pipeline import torch_batches
 from raypipe.models.resnet import create_model
-from raypipe.report.tensorboard import TensorBoardLogger, epoch_line
-from raypipe.training import loop
+from raypipe.report.tensorboard import TensorBoardLogger
+from raypipe.training import checkpoints, loop
 from raypipe.training.doctor import GradientDoctor, TrainingDiverged
 from raypipe.training.losses import build_loss
 from raypipe.training.metrics import classification_metrics, softmax
@@ -30,9 +27,6 @@ from raypipe.training.optim import EpochScheduler, build_optimizer
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
-META_FILE = "meta.json"
-CHECKPOINT_PREFIX = "checkpoint_epoch"  # + the epoch, four digits: checkpoint_epoch0003
 
 
 def gather_predictions(labels: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,19 +69,18 @@ def save_checkpoint(
     }
     if ema is not None:
         state["train_model"], state["ema_steps"] = loop.unwrap(model).state_dict(), ema.steps
-    torch.save(state, os.path.join(directory, MODEL_FILE))
-    with open(os.path.join(directory, META_FILE), "w") as f:
+    torch.save(state, os.path.join(directory, checkpoints.MODEL_FILE))
+    with open(os.path.join(directory, checkpoints.META_FILE), "w") as f:
         json.dump(meta, f, indent=1, default=float)
 
 
-def _restore(checkpoint, model, optimizer, scheduler, scaler,
+def _restore(uri: str | None, model, optimizer, scheduler, scaler,
              ema: loop.WeightAverage | None = None) -> tuple[int, list]:
-    if checkpoint is None:
+    """Load the complete checkpoint at ``uri`` (None: start afresh); returns (next epoch,
+    history so far)."""
+    if uri is None:
         return 0, []
-    with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
-        with open(os.path.join(d, META_FILE)) as f:
-            meta = json.load(f)
+    state, meta = checkpoints.read_checkpoint(uri)
     loop.unwrap(model).load_state_dict(state.get("train_model", state["model"]))
     if ema is not None:
         ema.module.load_state_dict(state["model"])
@@ -96,90 +89,8 @@ def _restore(checkpoint, model, optimizer, scheduler, scaler,
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    log.info("resumed from checkpoint at epoch %d", state["epoch"])
+    log.info("resumed from %s (epoch %d)", uri, state["epoch"])
     return int(state["epoch"]) + 1, list(meta.get("history", []))
-
-
-class NextEpochBatches:
-    """The next epoch's training batches, started now in a background thread: Ray Data starts a
-    new execution (and new actors) for every epoch, which otherwise stalls the first step of each
-    epoch. The thread asks for the first batch while this epoch validates and checkpoints;
-    :meth:`batches` hands over that batch and the rest of the iterator."""
-
-    _END = object()
-
-    def __init__(self, make: Callable[[], Iterable[dict]]):
-        self._out: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._start, args=(make,), daemon=True,
-                                        name="raypipe-next-epoch")
-        self._thread.start()
-
-    def _start(self, make: Callable[[], Iterable[dict]]) -> None:
-        try:
-            it = iter(make())
-            self._out["first"], self._out["it"] = next(it, self._END), it
-        except BaseException as exc:  # handed to the training thread by batches()
-            self._out["error"] = exc
-
-    def batches(self) -> Iterator[dict]:
-        """A generator, so that waiting for the thread happens at the first ``next`` and counts as
-        data wait in the training loop."""
-        self._thread.join()
-        if "error" in self._out:
-            raise self._out["error"]
-        first, it = self._out["first"], self._out["it"]
-        if first is not self._END:
-            yield first
-            yield from it
-
-
-class EpochStream:
-    """One stream of batches for every epoch of a run (``pipeline.one_execution``), cut into
-    epochs by row count. Each worker's shard holds the same number of rows (an equal split), in
-    batches of the same sizes, so every worker cuts at the same step and DDP stays in step. A
-    batch that holds the last rows of one epoch and the first of the next is split there: the
-    epoch ends with a short batch, as its own execution would end, and the next begins with the
-    rest. So each epoch gets exactly its share of rows, and the last epoch of an execution is not
-    short by what earlier epochs' last batches would have borrowed. The last epoch takes whatever
-    is left.
-
-    ``rows_per_epoch``: a number, or a function asked at the start of each epoch and, within
-    ``slack`` rows of its end, before each batch (rows per worker and epoch, less the training
-    files found unreadable so far, whose rows never come; the count grows while the first epoch
-    streams). Every worker asks at the same batches, so the function may be a collective."""
-
-    def __init__(self, batches: Iterable[dict], rows_per_epoch: int | Callable[[], int],
-                 epochs: int, slack: int = 0):
-        self._it = iter(batches)
-        self._rows = rows_per_epoch if callable(rows_per_epoch) else lambda: rows_per_epoch
-        self.slack = max(0, slack)
-        self.epochs_left = epochs
-        self._seen = self._end = 0
-        self._carry: dict | None = None  # the next epoch's part of a batch split at a cut
-
-    def epoch(self) -> Iterator[dict]:
-        self.epochs_left -= 1
-        last = self.epochs_left <= 0
-        start = self._end
-        self._end = start + max(1, self._rows())  # kept current, should the epoch stop early
-        while True:
-            if not last and self._seen >= self._end - self.slack:
-                if self.slack:
-                    self._end = start + max(1, self._rows())
-                if self._seen >= self._end:
-                    break
-            batch = self._carry if self._carry is not None else next(self._it, None)
-            self._carry = None
-            if batch is None:
-                break
-            rows = len(batch["label"])
-            if not last and self._seen + rows > self._end:  # the cut falls inside this batch
-                keep = self._end - self._seen
-                batch, self._carry = ({k: v[:keep] for k, v in batch.items()},
-                                      {k: v[keep:] for k, v in batch.items()})
-                rows = keep
-            self._seen += rows
-            yield batch
 
 
 def _share_rank0_buffers(*modules: torch.nn.Module) -> None:
@@ -200,27 +111,14 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def quiet_report_log() -> None:
-    """Ray Train logs every ``ray.train.report`` at INFO, from every worker: a line of several
-    hundred characters holding the whole metrics dict, two per epoch of a two-worker run. Rank 0
-    already prints the epoch's line and the history keeps every value, so only warnings of that
-    logger (named after its file) are kept."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray Train: leave its logging as it is
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def train_func(config: dict) -> None:
     """``train_loop_per_worker``. ``config``: {"cfg": resolved config dict, "meta": run facts}."""
-    quiet_report_log()
     cfg = Config.model_validate(config["cfg"])
     facts = config["meta"]
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(t.torch_threads or max(1, int(t.cpus_per_worker)))
+    torch.set_num_threads(max(1, round(t.cpus_per_worker)))
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()
     if cfg.pipeline.deterministic and device.type == "cuda":  # cuDNN's fastest kernels may not be
@@ -244,8 +142,8 @@ def train_func(config: dict) -> None:
     eval_loss_fn = build_loss(t.loss, facts["class_weights"], focal_gamma=t.focal_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and device.type == "cuda")
     ema = loop.WeightAverage(model, t.ema_decay) if t.ema_decay else None
-    start_epoch, history = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, scaler,
-                                    ema)
+    start_epoch, history = _restore(checkpoints.latest_complete(facts["run_dir"]), model,
+                                    optimizer, scheduler, scaler, ema)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -254,56 +152,21 @@ def train_func(config: dict) -> None:
     clock = facts.get("clock")
     tb = TensorBoardLogger(facts.get("run_dir"), enabled=cfg.run.tensorboard and rank == 0)
 
-    def train_batches(epoch: int) -> Iterable[dict]:
-        # the augmentation actors seed their draws with the epoch they read from the clock (with
-        # one execution for several epochs: the execution's first, to which each slot adds its own)
-        if clock is not None:
-            ray.get(clock.set.remote(epoch))
-        # no local shuffle buffer: each epoch's slots are already a full permutation of the
-        # files (epoch_order), and with one execution for several epochs a buffer would carry
-        # rows of one epoch into the next one's cut
-        return torch_batches(train_shard, batch_size=per_worker_batch,
-                             prefetch_batches=cfg.pipeline.prefetch_batches)
+    def batches(shard, **kwargs) -> Iterable[dict]:
+        return shard.iter_torch_batches(batch_size=per_worker_batch, pin_memory=device.type == "cuda",
+                                        **kwargs)
 
-    def epoch_rows() -> int:
-        # the same on every worker (rank 0's count of unreadable training files), so that every
-        # worker cuts its stream at the same step
-        bad = ray.get(facts["ledger"].training_count.remote()) if rank == 0 and facts.get("ledger") else 0
-        return (facts["train_rows"] - _from_rank0(bad, device)) // world
-
-    # an epoch may come out short by the unreadable files data.max_bad_fraction allows
-    slack = 0 if cfg.data.on_bad_file == "fail" else \
-        -(-int(facts["train_rows"] * cfg.data.max_bad_fraction) // world)
-
-    def stream_from(epoch: int) -> EpochStream:
-        # one execution for the next epochs_per_execution epochs (all the rest, unless the run
-        # is longer than pipeline.one_execution_max_rows rows); a resumed run starts at its epoch
-        epochs = min(facts["epochs_per_execution"], t.epochs - epoch)
-        return EpochStream(train_batches(epoch), epoch_rows, epochs, slack)
-
-    def start_next_epoch(epoch: int) -> NextEpochBatches:
-        # every worker is done with this epoch's batches before the clock moves on, so no sample
-        # of this epoch is drawn with the next epoch's seed
-        _barrier(world)
-        return NextEpochBatches(lambda: train_batches(epoch))
-
-    # the next epoch's actors may start during validation only where the cluster holds both
-    # actor pools at once (else they would take the CPUs the validation actors wait for)
-    overlap_validation = bool(facts.get("overlap_validation"))
-    upcoming: NextEpochBatches | None = None
-    stream: EpochStream | None = None
     for epoch in range(start_epoch, t.epochs):
         lr = scheduler.lr
-        if facts.get("whole_run"):
-            if stream is None or stream.epochs_left <= 0:  # the execution's epochs are done
-                stream = stream_from(epoch)
-            batches = stream.epoch()
-        else:
-            batches = upcoming.batches() if upcoming is not None else train_batches(epoch)
-        upcoming = None
+        # the training stage reads the epoch (its file order, its augmentation seeds) from the
+        # clock: set it once every worker is done with the previous epoch's batches
+        if rank == 0 and clock is not None:
+            ray.get(clock.set.remote(epoch))
+        _barrier(world)
         try:
             stats = loop.train_one_epoch(
-                model, tb.tap(batches), optimizer, loss_fn, device, doctor, epoch=epoch,
+                model, tb.tap(batches(train_shard, prefetch_batches=cfg.pipeline.prefetch_batches)),
+                optimizer, loss_fn, device, doctor, epoch=epoch,
                 grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last, scaler=scaler,
                 ema=ema, mixup_alpha=0.0 if t.overfit_subset is not None else t.mixup_alpha,
                 bn_stats_samples=t.bn_stats_samples if t.bn_stats == "precise" else 0,
@@ -311,19 +174,12 @@ def train_func(config: dict) -> None:
             _check_finite("a model weight or BatchNorm statistic",
                           loop.unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
             _share_rank0_buffers(loop.unwrap(model), *([ema.module] if ema is not None else []))
-            prefetch = (not facts.get("whole_run") and cfg.pipeline.prefetch_next_epoch
-                        and epoch + 1 < t.epochs)
-            if prefetch and overlap_validation:
-                upcoming = start_next_epoch(epoch + 1)
             labels, logits = loop.predict(
                 ema.module if ema is not None else loop.unwrap(model),
-                torch_batches(val_shard, batch_size=per_worker_batch,
-                              prefetch_batches=cfg.pipeline.prefetch_batches),
+                batches(val_shard, prefetch_batches=cfg.pipeline.prefetch_batches),
                 device, amp=t.amp, channels_last=t.channels_last, tta=cfg.augment.tta,
             )
             labels, logits = gather_predictions(labels, logits)
-            if prefetch and not overlap_validation:  # the validation actors are done: room now
-                upcoming = start_next_epoch(epoch + 1)
             _check_finite("the validation output", [torch.from_numpy(logits)], doctor, epoch,
                           stats, lr)
         except TrainingDiverged as exc:
@@ -337,12 +193,8 @@ def train_func(config: dict) -> None:
         scheduler.step(metrics)
         history.append({**metrics, "val_confusion": confusion})
         tb.log_epoch(epoch, metrics)
-        if rank == 0:
-            # worker loggers are not configured; stdout reaches the driver's console. Written,
-            # not printed: Ray Train's print in its workers also logs every line it prints
-            # wherever Ray has wrapped the workers' stdout (it always has), so each came twice
-            sys.stdout.write(epoch_line(metrics, t.epochs) + "\n")
-            sys.stdout.flush()
+        if rank == 0 and clock is not None:  # for the driver's progress display
+            clock.record.remote({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts, ema)
         gate = facts.get("stop_gate")
         if gate is not None and epoch + 1 < t.epochs:
@@ -415,16 +267,17 @@ def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, 
         "config": cfg.to_dict(),
         "data": facts.get("data", {}),
     }
+    name = checkpoints.checkpoint_name(epoch)
+    uri = checkpoints.join_uri(facts["run_dir"], name)
+    checkpoints.unmark(uri)  # a folder written again is not complete until its new marker
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, model, optimizer, scheduler, scaler, epoch, meta, ema)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:04d}",
-        )
-    # after the report, which has persisted the checkpoint: history.json never lists an epoch
-    # that a restart would have to train again
-    _write_history(facts.get("run_dir"), history)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=name)
+    # the report has persisted the files: now the folder is complete; and history.json never
+    # lists an epoch that a restart would have to train again
+    checkpoints.mark_complete(uri, epoch)
+    _write_history(facts["run_dir"], history)
 
 
 def _write_history(run_dir: str | None, history: list) -> None:

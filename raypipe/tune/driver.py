@@ -11,8 +11,8 @@ resumed trial continues its training run from its last checkpoint.
 
 Resources: the Tune trial itself only waits on the trainer, so it reserves (almost) nothing; the
 trainer's workers and data actors take their CPUs outside Tune's accounting. Hence Tune cannot see
-how many trials fit, and ``max_concurrent_trials`` is computed here from the config and
-``ray.cluster_resources()``.
+how many trials fit, and ``max_concurrent_trials`` is computed here from the config and what
+the cluster has or can scale to (:func:`raypipe.training.trainer.cluster_capacity`).
 """
 
 from __future__ import annotations
@@ -147,22 +147,22 @@ def train_trial(params: dict[str, Any], job: SearchJob) -> None:
 
 
 def trial_cpus(cfg: Config) -> float:
-    """CPUs one trial holds while it trains: its workers plus the smallest data actor pools."""
-    from raypipe.training.trainer import both_pools_cpus
-
-    return cfg.train.num_workers * cfg.train.cpus_per_worker + both_pools_cpus(cfg)
+    """CPUs one trial holds while it trains: its workers plus at least one data worker."""
+    return cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.pipeline.cpus_per_worker
 
 
 def max_concurrent_trials(cfgs: list[Config], resources: dict[str, float],
-                          requested: int | None = None) -> int:
-    """How many trials fit the cluster at once (at least 1; at most ``requested``).
+                          requested: int | None = None, known_max: bool = True) -> int:
+    """How many trials fit ``resources`` (what the cluster has or can scale to) at once (at
+    least 1; at most ``requested``).
 
-    Raises :class:`~raypipe.training.trainer.ResourceError` when not even one trial fits."""
+    Raises :class:`~raypipe.training.trainer.ResourceError` when not even one trial fits a
+    cluster of ``known_max`` size."""
     from raypipe.training.trainer import resolve_layout
 
     fits = math.inf
     for cfg in cfgs:
-        layout = resolve_layout(cfg, resources)
+        layout = resolve_layout(cfg, resources, known_max)
         fits = min(fits, math.floor(layout.total_cpus / trial_cpus(cfg) + 1e-9))
         if layout.use_gpu:
             gpus = cfg.train.num_workers * cfg.train.gpus_per_worker

@@ -59,9 +59,9 @@ def _base_job(config: str | None, overrides: list[str], base: Config, name: str,
 
 
 def _concurrency(cfgs: list[Config], requested: int | None) -> int:
-    import ray
+    from raypipe.training.trainer import cluster_capacity
 
-    n = drv.max_concurrent_trials(cfgs, ray.cluster_resources(), requested)
+    n = drv.max_concurrent_trials(cfgs, *cluster_capacity(), requested=requested)
     log.info("running up to %d trial(s) at a time", n)
     return n
 

@@ -1,0 +1,1 @@
+"""The command-line jobs (``raypipe-train``, ``raypipe-evaluate``, ...); ``jobs/*.py`` call them."""

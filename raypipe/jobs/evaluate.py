@@ -1,0 +1,48 @@
+"""Evaluate a checkpoint: ``python jobs/evaluate.py --checkpoint PATH [--data PATH_OR_URI] [--out DIR]``.
+
+Without ``--data`` it evaluates the validation split of the dataset the checkpoint was trained on.
+Writes predictions (Parquet and CSV), ``metrics.json``, and ROC / precision-recall / confusion-matrix
+pictures to ``--out`` (default ``<run dir>/eval-<checkpoint>[-<data>]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from raypipe.cli import exit_with, init_ray, settle, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True,
+                    help="checkpoint folder (<run dir>/checkpoint_epochNNNN) or a run directory (its best)")
+    ap.add_argument("--data", default=None,
+                    help="folder (class sub-folders give labels; a flat folder: predictions only), "
+                         "CSV manifest, local or s3:// / gs://; default: the checkpoint's validation split")
+    ap.add_argument("--out", default=None, help="output folder or URI")
+    ap.add_argument("--cpu", action="store_true", help="do not use a GPU even when the cluster has one")
+    args = ap.parse_args(argv)
+    setup_logging()
+
+    from raypipe.evaluate import evaluate
+
+    init_ray()
+    summary = evaluate(args.checkpoint, args.data, args.out, use_gpu=False if args.cpu else None)
+    settle()  # the results below are the last lines
+    print(f"evaluated {summary['images']} images ({summary['labeled']} labeled) from {summary['data']}")
+    m = summary.get("metrics")
+    if m:
+        print("  ".join(f"{k}={m[k]:.4f}" for k in ("auc", "pr_auc", "acc", "balanced_acc", "f1", "loss")))
+    if summary["skipped"]:
+        print(f"{len(summary['skipped'])} files skipped (listed in metrics.json)")
+    print(f"results: {summary['out']} ({', '.join(summary['files'])})")
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point (``raypipe-evaluate``)."""
+    exit_with(main)
+
+
+if __name__ == "__main__":
+    run()
