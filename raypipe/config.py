@@ -38,7 +38,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
     class_names: list[str] | None = None
-    extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"]
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
+                             ".dicom"]
     limit: int | None = Field(None, ge=2, description="use at most N training files (smoke runs)")
     on_bad_file: Literal["skip", "fail"] = "skip"
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
@@ -57,6 +58,11 @@ class PreprocessConfig(_Section):
     equalize: Literal["none", "adapthist"] = "none"
     normalize: Literal["divide255", "minmax", "percentile", "none"] = "divide255"
     percentiles: tuple[float, float] = (5.0, 95.0)
+    window: Literal["auto", "none"] | tuple[float, float] = Field(
+        "auto", description="DICOM films' VOI: auto = the file's VOI LUT or WindowCenter/"
+        "WindowWidth when it has one, else none; none = the modality values (stored values "
+        "after RescaleSlope/RescaleIntercept) as they are; [center, width] = that LINEAR window "
+        "on every film. Other formats ignore it")
     mean: list[float] | None = None
     std: list[float] | None = None
 
@@ -65,6 +71,10 @@ class PreprocessConfig(_Section):
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {lo}, {hi}")
+        if isinstance(self.window, tuple) and not self.window[1] >= 1.0:
+            raise ValueError(
+                f"window [center, width] needs width >= 1 (DICOM's LINEAR window), got "
+                f"{list(self.window)}; or use window: auto / none")
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is not None and len(v) not in (1, self.channels):
