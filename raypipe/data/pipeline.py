@@ -409,6 +409,7 @@ class ImageBatchProcessor:
         self.gray = conf.preprocess.channels == 1 and conf.preprocess.threshold == "none"
         self.draft = conf.preprocess.image_size
         self.max_pixels = conf.data.max_pixels
+        self.window = conf.preprocess.window  # DICOM films' VOI; other formats ignore it
         self.ledger = ledger
         self.clock = clock
         self._task_epoch: tuple[str | None, int] = (None, 0)
@@ -434,7 +435,8 @@ class ImageBatchProcessor:
             if gone is None:
                 raise
             raise gone from None
-        return decode_image(data, max_pixels=self.max_pixels, gray=self.gray, draft_size=self.draft)
+        return decode_image(data, max_pixels=self.max_pixels, gray=self.gray, draft_size=self.draft,
+                            window=self.window)
 
     def _row_epochs(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """(batch, each row's epoch). Whole-run slots carry their epoch, counted from the clock's
