@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import warnings
@@ -153,12 +154,21 @@ def decode_dicom(
     ds = _read(data)
     if ds is None:
         return None
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    arr = _pixels(ds, max_pixels, photometric)
-    if photometric in MONOCHROME:
-        x, lo, hi = greyscale(arr, header(ds, voi=window == "auto"), window)
-        return with_range(to_display(x, lo, hi, photometric == "MONOCHROME1"), hi - lo)
-    return _colour(arr, ds, gray)
+    try:
+        with warnings.catch_warnings():  # pydicom warns about each odd value it converts
+            warnings.simplefilter("ignore")
+            photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+            arr = _pixels(ds, max_pixels, photometric)
+            if photometric in MONOCHROME:
+                x, lo, hi = greyscale(arr, header(ds, voi=window == "auto"), window)
+                return with_range(to_display(x, lo, hi, photometric == "MONOCHROME1"), hi - lo)
+            return _colour(arr, ds, gray)
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise DecodeError("image needs more memory to decode than is available") from None
+    except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily: damage shows up here
+        raise DecodeError(f"corrupt DICOM data ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass(frozen=True)
@@ -217,6 +227,10 @@ def header(ds, voi: bool = True) -> Header:
         raise DecodeError(f"DICOM greyscale attributes are invalid ({type(exc).__name__}: {exc})") from None
     if not 1 <= bits <= 32:
         raise DecodeError(f"DICOM BitsStored is {bits}, expected 1..32: the header is damaged")
+    if not all(math.isfinite(v) for v in (slope, intercept, *(window or (0.0, 0.0))[:2])):
+        raise DecodeError(
+            f"DICOM rescale or window is not finite (RescaleSlope={slope}, RescaleIntercept="
+            f"{intercept}, window={window}): fix the file, or set preprocess.window")
     if slope == 0:
         raise DecodeError(
             "DICOM RescaleSlope is 0, which maps every pixel to one value: fix the file's "
@@ -354,9 +368,7 @@ def _pixels(ds, max_pixels: int, photometric: str) -> np.ndarray:
             "(decompression-bomb guard); raise the limit if the file is genuine")
     _check_decoder(ds)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
+        arr = ds.pixel_array
     except MemoryError:
         raise DecodeError("image needs more memory to decode than is available") from None
     except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything on corrupt data
