@@ -346,6 +346,14 @@ def test_invalid_window_width_in_the_file_names_the_fix():
     assert decode_image(data, window="none").dtype == np.uint16
 
 
+def test_a_bad_window_argument_is_a_caller_error_not_a_bad_file():
+    data = dicom_bytes(to_stored(_film(), 12), bits_stored=12)
+    for window in ("lung", (100.0, 0.5), (1.0, 2.0, 3.0)):
+        with pytest.raises(ValueError, match="expected 'auto', 'none' or") as info:
+            decode_image(data, window=window)
+        assert not isinstance(info.value, DecodeError)
+
+
 def test_palette_colour_is_rejected_with_the_conversion_to_make():
     data = _edit(dicom_bytes(_film()), PhotometricInterpretation="PALETTE COLOR")
     with pytest.raises(DecodeError, match="PALETTE COLOR.*expected MONOCHROME1, MONOCHROME2, RGB"):

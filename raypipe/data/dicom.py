@@ -151,6 +151,7 @@ def decode_dicom(
     Returns None for bytes without the ``DICM`` preamble in which pydicom finds no DICOM data
     set (the caller tries the other formats).
     """
+    _check_window_argument(window)
     ds = _read(data)
     if ds is None:
         return None
@@ -169,6 +170,14 @@ def decode_dicom(
         raise DecodeError("image needs more memory to decode than is available") from None
     except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily: damage shows up here
         raise DecodeError(f"corrupt DICOM data ({type(exc).__name__}: {exc})") from None
+
+
+def _check_window_argument(window: Window) -> None:
+    """A caller's mistake (the config validates ``preprocess.window``), not a bad file."""
+    if window in ("auto", "none"):
+        return
+    if isinstance(window, str) or len(window) != 2 or not float(window[1]) >= 1:
+        raise ValueError(f"window: expected 'auto', 'none' or (center, width >= 1), got {window!r}")
 
 
 @dataclass(frozen=True)
@@ -197,8 +206,6 @@ def greyscale(stored: np.ndarray, h: Header, window: Window) -> tuple[np.ndarray
     if window == "none":
         return x, lo, hi
     if window != "auto":
-        if isinstance(window, str) or len(window) != 2:
-            raise ValueError(f"window: expected 'auto', 'none' or (center, width), got {window!r}")
         center, width = window
         return apply_window(x, float(center), float(width)), 0.0, 1.0
     if h.voi_lut is not None:
