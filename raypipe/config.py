@@ -44,7 +44,7 @@ class DataConfig(_Section):
     class_names: list[str] | None = Field(
         None, description="the classes to use, in this order (default: every one found, sorted)")
     extensions: list[str] = Field(
-        [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"],
+        [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"],
         description="file extensions read as images")
     limit: int | None = Field(None, ge=2, description="use at most N training files (smoke runs)")
     on_bad_file: Literal["skip", "fail"] = Field(
@@ -77,6 +77,11 @@ class PreprocessConfig(_Section):
         "the image's min and max, or its percentiles")
     percentiles: tuple[float, float] = Field(
         (5.0, 95.0), description="low and high percentile for normalize: percentile")
+    window: Literal["auto", "none"] | tuple[float, float] = Field(
+        "auto", description="DICOM films' VOI: auto = the file's VOI LUT or WindowCenter/"
+        "WindowWidth when it has one, else none; none = the modality values (stored values "
+        "after RescaleSlope/RescaleIntercept) as they are; [center, width] = that LINEAR window "
+        "on every film. Other formats ignore it")
     mean: list[float] | None = Field(None, description="per-channel mean to subtract after scaling")
     std: list[float] | None = Field(None, description="per-channel std to divide by after scaling")
 
@@ -85,6 +90,10 @@ class PreprocessConfig(_Section):
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {lo}, {hi}")
+        if isinstance(self.window, tuple) and not self.window[1] >= 1.0:
+            raise ValueError(
+                f"window [center, width] needs width >= 1 (DICOM's LINEAR window), got "
+                f"{list(self.window)}; or use window: auto / none")
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is not None and len(v) not in (1, self.channels):

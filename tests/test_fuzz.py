@@ -14,9 +14,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from pydicom.uid import RLELossless
 
 from raypipe.config import Config, ConfigError, build_config, load_config
 from raypipe.data.decode import DecodeError, decode_image
+from raypipe.data.dicom import dicom_bytes
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -110,6 +112,14 @@ def _seed_images() -> list[bytes]:
         buf = io.BytesIO()
         img.save(buf, fmt, **kw)
         out.append(buf.getvalue())
+    film = rng.integers(0, 4096, (12, 10), dtype=np.uint16)
+    out += [  # DICOM: 12-bit MONOCHROME1 with rescale and window, RLE, without preamble, RGB
+        dicom_bytes(film, photometric="MONOCHROME1", bits_stored=12, slope=2.0, intercept=-1024.0,
+                    window=(2000.0, 3000.0)),
+        dicom_bytes(film, bits_stored=12, transfer_syntax=RLELossless),
+        dicom_bytes(film, bits_stored=12, part10=False),
+        dicom_bytes(np.asarray(rgb), photometric="RGB"),
+    ]
     return out
 
 

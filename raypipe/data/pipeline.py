@@ -175,6 +175,7 @@ class ImageProcessor:
         self.gray = conf.preprocess.channels == 1 and conf.preprocess.threshold == "none"
         self.draft = conf.preprocess.image_size
         self.max_pixels = conf.data.max_pixels
+        self.window = conf.preprocess.window  # DICOM films' VOI; other formats ignore it
         self.cache = cache
         if cache is not None:
             self.cached_pos = np.concatenate(cache.positions) if cache.positions else np.zeros(0, int)
@@ -202,7 +203,8 @@ class ImageProcessor:
             if gone is None:
                 raise
             raise gone from None
-        return decode_image(data, max_pixels=self.max_pixels, gray=self.gray, draft_size=self.draft)
+        return decode_image(data, max_pixels=self.max_pixels, gray=self.gray, draft_size=self.draft,
+                            window=self.window)
 
     def _cached(self, j: int) -> np.ndarray:
         part = int(self.cached_part[j])

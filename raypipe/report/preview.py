@@ -153,7 +153,8 @@ def render_preview(cfg: Config, out: str | Path, n: int = 16, images: int = 3) -
     decoded = []
     for r in records:
         with split.filesystem.open_input_file(r.path) as f:
-            decoded.append(decode_image(f.read(), max_pixels=cfg.data.max_pixels))
+            decoded.append(decode_image(f.read(), max_pixels=cfg.data.max_pixels,
+                                        window=cfg.preprocess.window))
     step_rows = [step_tiles(img, cfg, _short_name(split.class_names[r.label], r.key))
                  for img, r in zip(decoded, records, strict=True)]
     aug_rows: list[list[Tile]] = []
