@@ -294,11 +294,20 @@ def _unknown_key_message(loc: tuple, value: Any) -> str:
     )
 
 
+# pydantic names the member of a union that failed (``workers.int``, ``workers.literal['auto']``)
+_TYPE_TAGS = {"int", "float", "bool", "str", "none", "list", "tuple", "dict"}
+
+
+def _key_of(loc: tuple) -> tuple:
+    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
+    merged: dict[tuple, list[str]] = {}
+    values: dict[tuple, Any] = {}
     for e in err.errors():
         loc = tuple(e["loc"])
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
         value = e.get("input")
         if e["type"] == "extra_forbidden":
             lines.append("  - " + _unknown_key_message(loc, value))
@@ -307,7 +316,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         ctx = e.get("ctx") or {}
         if "expected" in ctx and str(ctx["expected"]) not in e["msg"]:
             allowed = f" Allowed: {ctx['expected']}."
-        lines.append(f"  - {dotted} = {value!r}: {e['msg']}.{allowed}")
+        key = _key_of(loc)
+        values.setdefault(key, value)
+        merged.setdefault(key, []).append(f"{e['msg']}.{allowed}")
+    for key, messages in merged.items():
+        dotted = ".".join(str(p) for p in key) or "(top level)"
+        lines.append(f"  - {dotted} = {values[key]!r}: {' Or: '.join(messages)}")
     lines.append("Fix the YAML file or the key=value override and run again.")
     return "\n".join(lines)
 

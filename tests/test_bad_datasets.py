@@ -173,10 +173,9 @@ def test_more_workers_than_the_cluster_holds() -> None:
         resolve_layout(cfg, {"CPU": 2.0})
 
 
-def test_data_actors_leave_no_room() -> None:
-    cfg = _cfg("train.num_workers=2", "train.cpus_per_worker=1", "pipeline.train.min_actors=2",
-               "pipeline.train.max_actors=2", "pipeline.train.cpus_per_actor=1")
-    with pytest.raises(ResourceError, match=r"plus 2 for the data actors.*cluster has 3 CPUs"):
+def test_no_cpu_left_for_a_data_worker() -> None:
+    cfg = _cfg("train.num_workers=2", "train.cpus_per_worker=1", "pipeline.cpus_per_worker=1.5")
+    with pytest.raises(ResourceError, match=r"plus at least 1.5 for a data worker.*cluster has 3 CPUs"):
         resolve_layout(cfg, {"CPU": 3.0})
 
 
@@ -188,31 +187,40 @@ def test_more_gpu_workers_than_gpus() -> None:
 
 def test_layout_that_fits() -> None:
     layout = resolve_layout(_cfg(), {"CPU": 2.0})
-    assert not layout.use_gpu and layout.train_cpus == 1.0
+    assert not layout.use_gpu and layout.train_cpus == 1.0 and layout.data_workers == 1
+    assert resolve_layout(_cfg("pipeline.cpus_per_worker=0.25"), {"CPU": 8.0}).data_workers == 28
 
 
-def test_one_execution_only_where_validation_can_run_beside_the_training_stream() -> None:
-    from raypipe.training.trainer import overlaps_validation
+def test_a_cluster_of_unknown_size_is_warned_about_not_refused(caplog, monkeypatch) -> None:
+    """An autoscaling cluster that starts small may grow: without RAYPIPE_MAX_CPUS the run goes
+    on and Ray's autoscaler is left to try."""
+    import logging
 
-    cfg = _cfg("pipeline.cache_val_mb=0")  # validation streams through its own pool every epoch
-    two, three = resolve_layout(cfg, {"CPU": 2.0}), resolve_layout(cfg, {"CPU": 3.0})
-    # 2 workers x 0.5 CPU + a training pool of 1 x 0.5 + a validation pool of 1 x 0.5
-    assert overlaps_validation(cfg, three, 40)
-    assert not overlaps_validation(cfg, resolve_layout(cfg, {"CPU": 1.9}), 40)
-    assert overlaps_validation(cfg, two, 40)  # exactly fits
-    small = _cfg("train.cpus_per_worker=0.75")  # 1.5 + 0.5: no room for the validation pool
-    squeezed = resolve_layout(small, {"CPU": 2.0})
-    assert overlaps_validation(small, squeezed, 40)  # 40 images of 3 x 64 x 64 floats: cached
-    assert not overlaps_validation(small.model_copy(update={"pipeline": small.pipeline.model_copy(
-        update={"cache_val_mb": 0.1})}), squeezed, 40)  # 1.9 MiB over 0.1 MiB: streamed
+    from raypipe.training.trainer import cluster_capacity
+
+    cfg = _cfg("train.num_workers=8", "train.cpus_per_worker=1")
+    with caplog.at_level(logging.WARNING, logger="raypipe"):
+        layout = resolve_layout(cfg, {"CPU": 1.0}, known_max=False)
+    assert layout.train_cpus == 8 and "may scale up" in caplog.text and "RAYPIPE_MAX_CPUS" in caplog.text
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 1.0, "memory": 1e9})
+    assert cluster_capacity() == ({"CPU": 1.0}, False)
+    monkeypatch.setenv("RAYPIPE_MAX_CPUS", "64")
+    monkeypatch.setenv("RAYPIPE_MAX_GPUS", "8")
+    assert cluster_capacity() == ({"CPU": 64.0, "GPU": 8.0}, True)
+    monkeypatch.setenv("RAYPIPE_MAX_GPUS", "eight")
+    with pytest.raises(ResourceError, match="RAYPIPE_MAX_GPUS='eight' is not a number"):
+        cluster_capacity()
 
 
-def test_one_execution_is_the_default_for_tasks_and_actors() -> None:
-    from raypipe.data.pipeline import resolve_compute
+def test_rays_worker_start_failures_are_said_in_raypipes_words() -> None:
+    from raypipe.training.trainer import _root_cause
 
-    for gpu in (False, True):  # tasks on CPUs, actors on GPUs: one stream for the run either way
-        assert resolve_compute(_cfg(), use_gpu=gpu).pipeline.one_execution is True
-    assert _cfg("pipeline.one_execution=false").pipeline.one_execution is False
+    class WorkerGroupStartupTimeoutError(Exception):
+        pass
+
+    text = _root_cause(WorkerGroupStartupTimeoutError("The worker group startup timed out after 60 s"))
+    assert text.startswith("ResourceError: the cluster did not provide the training workers")
+    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" in text and "train.num_workers" in text
 
 
 # ---------------------------------------------------------------- through the job
@@ -234,7 +242,7 @@ def test_job_with_too_many_workers_exits_before_training(ray_cluster, tmp_path: 
     root = make_image_folder(tmp_path / "r", {"cats": 6, "dogs": 6})
     proc = run_job("train.py", f"data.root={root}", "train.num_workers=6", "train.batch_size=4",
                    f"run.storage_path={tmp_path / 'runs'}", "run.name=big",
-                   env={"RAY_ADDRESS": ray_cluster})
+                   env={"RAY_ADDRESS": ray_cluster, "RAYPIPE_MAX_CPUS": "2"})
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the run needs 3 CPUs for training"), last

@@ -28,11 +28,11 @@ def test_config_found_by_name_in_the_configs_folder() -> None:
 
 def test_overrides_are_typed_and_nested() -> None:
     cfg = load_config(None, ["train.lr=0.01", "train.epochs=3", "data.class_names=[cats, dogs]",
-                             "pipeline.train.max_actors=3", "train.use_gpu=false",
+                             "pipeline.workers=3", "train.use_gpu=false",
                              "run.name=exp-1", "data.root=s3://bucket/images"])
     assert cfg.train.lr == 0.01 and isinstance(cfg.train.epochs, int) and cfg.train.epochs == 3
     assert cfg.data.class_names == ["cats", "dogs"]
-    assert cfg.pipeline.train.max_actors == 3
+    assert cfg.pipeline.workers == 3
     assert cfg.train.use_gpu is False
     assert cfg.run.name == "exp-1" and cfg.data.root == "s3://bucket/images"
 
@@ -63,7 +63,9 @@ def test_parse_override() -> None:
     # out of range: the bound
     ("train.lr=-1", r"train.lr = -1: Input should be greater than or equal to 0"),
     ("data.val_fraction=1.5", r"data.val_fraction = 1.5: Input should be less than 1"),
-    ("pipeline.train.max_actors=0", r"pipeline.train.max_actors = 0: .*greater than or equal to 1"),
+    ("pipeline.files_per_batch=0", r"pipeline.files_per_batch = 0: .*greater than or equal to 1"),
+    ("pipeline.workers=many",
+     r"pipeline.workers = 'many': Input should be a valid integer.* Or: Input should be 'auto'"),
     # not one of the choices: the allowed values
     ("model.name=resnet19", r"model.name = 'resnet19': .*'resnet18', 'resnet34'"),
     ("data.on_bad_file=ignore", r"data.on_bad_file = 'ignore': Input should be 'skip' or 'fail'"),
@@ -81,11 +83,6 @@ def test_bad_values_name_key_value_and_what_is_allowed(override: str, pattern: s
         load_config(None, [override])
     assert "Fix the YAML file or the key=value override" in str(info.value)
     assert str(info.value).count("Allowed:") <= 1
-
-
-def test_min_and_max_actors_must_be_ordered() -> None:
-    with pytest.raises(ConfigError, match=r"max_actors \(1\) must be >= min_actors \(2\)"):
-        load_config(None, ["pipeline.train.min_actors=2", "pipeline.train.max_actors=1"])
 
 
 @pytest.mark.parametrize(("override", "pattern"), [
@@ -133,15 +130,62 @@ def test_empty_config_file_means_defaults(tmp_path: Path) -> None:
     assert load_config(f, []) == Config()
 
 
-def test_auto_compute_is_tasks_on_cpus_and_actors_on_gpus_and_explicit_choices_stay() -> None:
-    from raypipe.data.pipeline import resolve_compute
+def test_every_key_is_described_once_in_the_help() -> None:
+    from raypipe.config import config_help
 
-    cfg = load_config(None, [])
-    assert (cfg.pipeline.train.compute, cfg.pipeline.val.compute) == ("auto", "auto")
-    cpu, gpu = resolve_compute(cfg, use_gpu=False), resolve_compute(cfg, use_gpu=True)
-    assert (cpu.pipeline.train.compute, cpu.pipeline.val.compute) == ("tasks", "tasks")
-    assert (gpu.pipeline.train.compute, gpu.pipeline.val.compute) == ("actors", "actors")
-    assert cpu.pipeline.train.batch_size == cfg.pipeline.train.batch_size  # nothing else moves
-    mixed = load_config(None, ["pipeline.train.compute=actors"])
-    assert resolve_compute(mixed, use_gpu=False).pipeline.train.compute == "actors"
-    assert resolve_compute(mixed, use_gpu=False).pipeline.val.compute == "tasks"
+    lines = config_help().splitlines()
+    keys = [line.split(" = ")[0].strip() for line in lines]
+    assert len(keys) == len(set(keys)) and "pipeline.files_per_batch" in keys and "train.lr" in keys
+    expected = sum(len(f.annotation.model_fields) for f in Config.model_fields.values())
+    assert len(keys) == expected
+    undescribed = [line for line in lines if len(line.split("  ")) < 3]
+    assert not undescribed, undescribed
+    assert any(line.startswith("  train.batch_size = 32  global training batch") for line in lines)
+
+
+def test_no_internal_knobs_or_dead_keys_are_left() -> None:
+    from raypipe.config import config_help
+
+    keys = {line.split(" = ")[0].strip() for line in config_help().splitlines()}
+    for gone in ("data.builtin", "run.resume", "pipeline.blocks", "pipeline.block_rows",
+                 "pipeline.max_block_mib", "pipeline.one_execution", "pipeline.cache_val_mb",
+                 "pipeline.prefetch_next_epoch", "train.torch_threads"):
+        assert gone not in keys
+    assert len(keys) < 100
+
+
+def test_the_python_api_names_runs_as_the_job_does(tmp_path: Path) -> None:
+    from raypipe.api import override_list, resolve_config
+
+    assert override_list({"train.lr": 0.01, "data.class_names": ["a", "b"], "model.pretrained": None}) == [
+        "train.lr=0.01", "data.class_names=[a, b]", "model.pretrained=null"]
+    with pytest.raises(ConfigError, match="a dict or a list"):
+        override_list("train.lr=0.1")
+    cfg = resolve_config("flowers", {"run.storage_path": str(tmp_path), "train.lr": 0.01})
+    assert cfg.run.name.startswith("flowers-") and cfg.run.storage_path == str(tmp_path)
+    assert cfg.train.lr == 0.01 and cfg.data.class_names == ["daisy", "roses"]
+    (tmp_path / "flowers-20260101-000000").mkdir()
+    again = resolve_config("flowers", {"run.storage_path": str(tmp_path)}, resume=True)
+    assert again.run.name == "flowers-20260101-000000"
+    with pytest.raises(ConfigError, match="no earlier run of 'default'"):
+        resolve_config(None, [f"run.storage_path={tmp_path}"], resume=True)
+    from_object = resolve_config(Config(), ["train.epochs=2"])
+    assert from_object.train.epochs == 2 and from_object.run.name.startswith("run-")
+
+
+def test_train_help_lists_every_key_and_print_config_prints_the_resolved_yaml(capsys) -> None:
+    from raypipe.jobs.train import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "pipeline.cache = auto" in out and "model.name = resnet18" in out and "--print-config" in out
+    assert main(["--config", "flowers", "--print-config", "train.lr=0.002"]) == 0
+    printed = capsys.readouterr().out
+    import yaml
+
+    tree = yaml.safe_load(printed)
+    assert tree["train"]["lr"] == 0.002 and tree["data"]["class_names"] == ["daisy", "roses"]
+
+

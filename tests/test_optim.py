@@ -237,8 +237,6 @@ def test_weight_average_follows_the_ramped_decay_and_copies_integer_buffers():
 
 
 def test_checkpoint_with_weight_average_keeps_both_and_resumes_both(tmp_path):
-    import ray.train
-
     from raypipe.config import Config
     from raypipe.training.loop import WeightAverage
     from raypipe.training.worker import _restore, save_checkpoint
@@ -262,7 +260,7 @@ def test_checkpoint_with_weight_average_keeps_both_and_resumes_both(tmp_path):
     fresh, fresh_ema = torch.nn.Linear(3, 2), None
     fresh_opt = build_optimizer(fresh.parameters(), t)
     fresh_ema = WeightAverage(fresh, 0.9)
-    start, history = _restore(ray.train.Checkpoint.from_directory(str(tmp_path)), fresh, fresh_opt,
+    start, history = _restore(str(tmp_path), fresh, fresh_opt,
                               EpochScheduler(fresh_opt, t), None, fresh_ema)
     assert start == 2 and history == [{"epoch": 1}]
     assert torch.equal(fresh.weight, model.weight)

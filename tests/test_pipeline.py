@@ -35,11 +35,11 @@ class Stage:
         return self.cfg.model_copy(update={"pipeline": self.cfg.pipeline.model_copy(update=pipe)})
 
     def dataset(self, workers: int = 2, files_per_batch: int = 3, cache: bool = False, **kwargs):
-        cfg = self.cfg_with(files_per_batch=files_per_batch)
+        cfg = self.cfg_with(files_per_batch=files_per_batch, workers=workers)
         built = pipeline.build_train_cache(cfg, self.table, self.n, self.split.filesystem,
                                            self.ledger, workers) if cache else None
         n = built.files if built is not None else self.n
-        return pipeline._stage(n, cfg, workers, {
+        return pipeline._stage(n, cfg, {
             "filesystem": self.split.filesystem, "cfg": cfg.to_dict(), "ledger": self.ledger,
             "records": self.table, "clock": self.clock, "cache": built, **kwargs})
 

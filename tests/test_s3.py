@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TAME, make_image_folder, ray_snapshot, run_job
+from conftest import ROOT, TAME, make_image_folder, run_job
 
 BUCKET = "raypipe-test"
 # distinctive, so a leak into logs or output would be found by a plain substring search
@@ -160,38 +160,23 @@ def test_endpoint_url_forms(monkeypatch):
     assert "127.0.0.1:9001" in repr(fs.__reduce__())
 
 
-def test_forwarded_env_only_storage_vars(monkeypatch):
-    from raypipe.cli import forwarded_env
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("UNRELATED_SECRET", "x")
-    monkeypatch.setenv("AWS_PROFILE", "dev")  # names a file entry on this machine only
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
-                       json.dumps({"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://other"}}}))
-    env = forwarded_env()
-    assert env["AWS_SECRET_ACCESS_KEY"] == SECRET
-    assert "UNRELATED_SECRET" not in env and "AWS_PROFILE" not in env
-    # a variable the submitted job already sets is left to it (Ray refuses duplicate env vars)
-    assert "AWS_ENDPOINT_URL" not in env
-
-
 # ---------------------------------------------------------------- the training job end to end
 
 
 @pytest.mark.slow
-def test_train_job_reads_and_writes_s3(s3, ray_cluster, cache_dir):
+def test_train_job_reads_and_writes_s3(s3, cache_dir):
     import torch
 
     from raypipe.data.sources import get_filesystem
     from raypipe.models.resnet import create_model
 
+    # the job starts its own local Ray, whose workers get the credentials and the endpoint from
+    # the environment as a cluster's nodes do (raypipe copies none into the job's runtime env)
     _, env, client = s3
     proc = run_job(
         "train.py", f"data.root=s3://{BUCKET}/imgs", f"run.storage_path=s3://{BUCKET}/runs",
         "run.name=s3run", "train.epochs=1", "preprocess.image_size=32", "train.batch_size=8",
-        "train.num_workers=1", *TAME,
-        env={**env, "RAY_ADDRESS": ray_cluster}, timeout=300,
+        "train.num_workers=1", *TAME, env=env, timeout=300,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -223,21 +208,53 @@ def test_train_job_reads_and_writes_s3(s3, ray_cluster, cache_dir):
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
 
 
-def test_unregistered_checkpoints_are_removed_from_s3(s3):
-    from raypipe.training.trainer import remove_unregistered_checkpoints
+def test_a_storage_error_while_reading_checkpoints_deletes_nothing(monkeypatch, tmp_path):
+    """The object store stops answering while a run's checkpoints are looked at: raypipe finds
+    none to trust (and says so); once it answers again, every complete checkpoint is there."""
+    import boto3
+    from moto.server import ThreadedMotoServer
 
-    _, _, client = s3
-    for name in ("checkpoint_epoch0000", "checkpoint_epoch0001"):
-        for f in ("model.pt", "meta.json"):
-            client.put_object(Bucket=BUCKET, Key=f"runs/cut/{name}/{f}", Body=b"x")
-    client.put_object(Bucket=BUCKET, Key="runs/cut/checkpoint_manager_snapshot.json",
-                      Body=ray_snapshot(["checkpoint_epoch0000"]).encode())
-    removed = remove_unregistered_checkpoints(f"s3://{BUCKET}/runs/cut")
-    assert removed == [f"s3://{BUCKET}/runs/cut/checkpoint_epoch0001"]
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/cut/")["Contents"]}
-    keys.discard("runs/cut/")  # the folder marker pyarrow leaves after deleting in a folder
-    assert keys == {"runs/cut/checkpoint_epoch0000/model.pt", "runs/cut/checkpoint_epoch0000/meta.json",
-                    "runs/cut/checkpoint_manager_snapshot.json"}
+    from raypipe.training import checkpoints as ck
+    from raypipe.training.worker import save_checkpoint
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    run = f"s3://{BUCKET}/runs/cut"
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    for epoch in (0, 1):
+        local = tmp_path / f"e{epoch}"
+        local.mkdir()
+        save_checkpoint(str(local), model, opt, sched, None, epoch, {"metrics": {"val_auc": epoch / 2}})
+        for f in local.iterdir():
+            client.upload_file(str(f), BUCKET, f"runs/cut/{ck.checkpoint_name(epoch)}/{f.name}")
+        ck.mark_complete(f"{run}/{ck.checkpoint_name(epoch)}", epoch)
+    assert ck.latest_complete(run) == f"{run}/checkpoint_epoch0001"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/")["Contents"]}
+
+    server.stop()
+    try:
+        assert ck.latest_complete(run) is None            # nothing to trust while it is gone
+        assert ck.best_complete(run, "val_auc", "max") == (None, {})
+    finally:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+    try:
+        assert {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/")["Contents"]} == keys
+        assert ck.latest_complete(run) == f"{run}/checkpoint_epoch0001"
+        assert ck.best_complete(run, "val_auc", "max")[0] == f"{run}/checkpoint_epoch0001"
+    finally:
+        server.stop()
 
 
 def test_missing_results_bucket_fails_before_training(s3):
@@ -261,7 +278,7 @@ def test_missing_results_bucket_fails_before_training(s3):
 
 
 @pytest.mark.slow
-def test_storage_gone_mid_run_is_a_clear_error_and_no_bad_files(ray_cluster, tmp_path):
+def test_storage_gone_mid_run_is_a_clear_error_and_no_bad_files(tmp_path):
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -282,11 +299,9 @@ def test_storage_gone_mid_run_is_a_clear_error_and_no_bad_files(ray_cluster, tmp
             [sys.executable, str(ROOT / "jobs" / "train.py"), f"data.root=s3://{BUCKET}/imgs",
              f"run.storage_path={tmp_path / 'runs'}", "run.name=gone", "train.epochs=4",
              "preprocess.image_size=32", "train.batch_size=8", "train.num_workers=1",
-             # one execution per epoch, so that each epoch reads the store again: one execution
-             # for the run reads all 4 epochs' files ahead of training, here within the first
-             # epoch, and the store would go too late to matter
-             "pipeline.one_execution=false", *TAME],
-            cwd=ROOT, env={**os.environ, **env, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"},
+             # every epoch reads the store again (a cached training set would not)
+             "pipeline.cache=false", *TAME],
+            cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:

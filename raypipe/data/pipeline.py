@@ -296,16 +296,17 @@ def data_workers(cfg: Config, cpus_left: float) -> int:
     return max(1, math.floor(cpus_left / p.cpus_per_worker + 1e-9))
 
 
-def _stage(n: int, cfg: Config, workers: int, kwargs: dict) -> ray.data.Dataset:
-    """Row ids ``0..n-1`` in blocks of ``files_per_batch`` -> the map stage, on at most
-    ``workers`` concurrent tasks of ``pipeline.cpus_per_worker`` CPUs each."""
+def _stage(n: int, cfg: Config, kwargs: dict) -> ray.data.Dataset:
+    """Row ids ``0..n-1`` in blocks of ``files_per_batch`` -> the map stage: tasks of
+    ``pipeline.cpus_per_worker`` CPUs each, at most ``pipeline.workers`` at a time (``auto``: as
+    many as the CPUs Ray Train leaves free, growing with the cluster)."""
     assert n > 0, "a dataset of no files"
     p = cfg.pipeline
     blocks = math.ceil(n / p.files_per_batch)
     ds = ray.data.range(n, override_num_blocks=blocks)
     return ds.map_batches(
         process_block, batch_size=None, batch_format="numpy", num_cpus=p.cpus_per_worker,
-        compute=ray.data.TaskPoolStrategy(size=min(workers, blocks)),
+        compute=ray.data.TaskPoolStrategy(size=None if p.workers == "auto" else min(p.workers, blocks)),
         fn_kwargs={"token": uuid.uuid4().hex, **kwargs})
 
 
@@ -385,8 +386,8 @@ def build_datasets(cfg: Config, split: DatasetSplit, train_records: list[Record]
                    workers: int | None = None) -> Datasets:
     """The run's training and validation datasets. ``train_records`` overrides the split's
     training set (the overfit check's small subset, which trains in a fixed order without
-    augmentation). ``workers``: data tasks at a time (default: :func:`data_workers` of all the
-    cluster's CPUs)."""
+    augmentation). ``workers``: data tasks at a time while the cache is made (default:
+    :func:`data_workers` of all the cluster's CPUs)."""
     records = split.train if train_records is None else train_records
     if workers is None:
         workers = data_workers(cfg, float(ray.cluster_resources().get("CPU", 1.0)))
@@ -401,10 +402,10 @@ def build_datasets(cfg: Config, split: DatasetSplit, train_records: list[Record]
     cache = build_train_cache(cfg, train_ref, len(records), split.filesystem, ledger, workers) \
         if cached else None
     n_train = cache.files if cache is not None else len(records)
-    train = _stage(n_train, cfg, workers, {**base, "records": train_ref, "clock": clock,
+    train = _stage(n_train, cfg, {**base, "records": train_ref, "clock": clock,
                                            "augment": cfg.augment.enabled and not overfit,
                                            "shuffle": not overfit, "cache": cache})
-    val = _stage(len(split.val), cfg, workers, {**base, "records": ray.put(records_table(split.val))})
+    val = _stage(len(split.val), cfg, {**base, "records": ray.put(records_table(split.val))})
     if cached:  # validation is deterministic: made once, read each epoch
         val = val.materialize()
     return Datasets(train, val, ledger, clock, n_train, cached)
@@ -419,9 +420,7 @@ def build_inference_dataset(
     ``use_gpu``). ``predictor(**predictor_kwargs)`` is called on ``{image, label, path, key}``
     batches and returns the output rows. Labels of unlabeled files are -1."""
     ledger = BadFileLedger.remote(len(records), cfg.data.max_bad_fraction, cfg.data.on_bad_file)
-    workers = data_workers(cfg, float(ray.cluster_resources().get("CPU", 1.0)) -
-                           (0 if use_gpu else cfg.train.cpus_per_worker))
-    ds = _stage(len(records), cfg, workers,
+    ds = _stage(len(records), cfg,
                 {"filesystem": filesystem, "cfg": cfg.to_dict(), "ledger": ledger,
                  "records": ray.put(records_table(records)), "inference": True})
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.train.cpus_per_worker}

@@ -274,11 +274,32 @@ def _failure_texts(exc: BaseException) -> list[str]:
     return msgs
 
 
+# Ray Train's own failures to start the workers, said in raypipe's words
+_NO_WORKERS = {
+    "WorkerGroupStartupTimeoutError": (
+        "the cluster did not provide the training workers (train.num_workers x "
+        "train.cpus_per_worker CPUs, and GPUs where used) within Ray Train's "
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default). Lower train.num_workers or "
+        "train.cpus_per_worker, or add nodes; on an autoscaling cluster that needs longer to "
+        "start them, set RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S higher in its nodes' "
+        "environment, and RAYPIPE_MAX_CPUS / RAYPIPE_MAX_GPUS to have the size checked up front "
+        "(cluster/README.md)."),
+    "InsufficientClusterResourcesError": (
+        "the cluster cannot grow to hold the training workers: {message} Lower "
+        "train.num_workers or the resources per worker, or raise the cluster's maximum size."),
+}
+
+
 def _root_cause(exc: BaseException) -> str:
     """The innermost meaningful message of a Ray Train failure: our own error's message when one
     of them caused it (raised in a training worker or in a Ray Data actor), else the innermost."""
     msgs = _failure_texts(exc)
     text = "\n".join(msgs)
+    for name, advice in _NO_WORKERS.items():
+        idx = text.rfind(name + ":")
+        if idx >= 0:
+            message = text[idx + len(name) + 1:].strip().split("\n")[0]
+            return "ResourceError: " + advice.format(message=message)
     for marker in _OWN_ERRORS:
         idx = text.rfind(marker + ":")
         if idx >= 0:
