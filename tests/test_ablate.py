@@ -16,8 +16,8 @@ from raypipe.config import ConfigError, load_config
 from raypipe.tune import ablation as abl
 from raypipe.tune.driver import TrialRow
 
-SMALL = ["train.num_workers=1", "train.cpus_per_worker=0.5", "pipeline.train.cpus_per_actor=0.25",
-         "pipeline.val.cpus_per_actor=0.25", "preprocess.image_size=32", "train.batch_size=16"]
+SMALL = ["train.num_workers=1", "train.cpus_per_worker=0.5", "pipeline.cpus_per_worker=0.5",
+         "preprocess.image_size=32", "train.batch_size=16"]
 
 
 # ---------------------------------------------------------------- variants (no Ray)

@@ -23,9 +23,9 @@ from raypipe.tune.space import (
     yaml_scalar,
 )
 
-# one trial = 1 training worker (0.5 CPU) + two data actors (0.25 each): two trials fit 2 CPUs
-SMALL = ["train.num_workers=1", "train.cpus_per_worker=0.5", "pipeline.train.cpus_per_actor=0.25",
-         "pipeline.val.cpus_per_actor=0.25", "preprocess.image_size=32", "train.batch_size=16",
+# one trial = 1 training worker (0.5 CPU) + at least one data worker (0.5): two trials fit 2 CPUs
+SMALL = ["train.num_workers=1", "train.cpus_per_worker=0.5", "pipeline.cpus_per_worker=0.5",
+         "preprocess.image_size=32", "train.batch_size=16",
          "train.epochs=1"]
 
 
@@ -259,13 +259,7 @@ def test_grid_with_asha_stops_a_bad_trial_fails_a_diverging_one_and_resumes(ray_
 
 
 def test_grid_from_the_command_line_runs_the_grid_once():
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("tune_job", ROOT / "jobs" / "tune.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    from raypipe.jobs import tune as job
     assert "num_samples=1" in job.spec_overrides(job.parse_args(["--search", "grid"]))
     explicit = job.spec_overrides(job.parse_args(["--search", "grid", "--num-samples", "3"]))
     assert "num_samples=1" not in explicit and "num_samples=3" in explicit

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -163,7 +162,6 @@ def run(args: argparse.Namespace) -> dict:
     from raypipe.data.decode import decode_image, value_range
     from raypipe.data.transforms import Augmenter, Preprocessor, TrainTransform
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     size, repeats = args.size, max(1, args.repeats)
     blobs, source = _jpeg_bytes(args.data, max(1, args.n), args.synthetic)
