@@ -32,13 +32,13 @@ def override_list(overrides: Overrides) -> list[str]:
     return list(overrides)
 
 
-def _expand_storage(storage: str) -> str:
+def expand_storage(storage: str) -> str:
     if "://" in storage:
         return storage.rstrip("/")
     return os.path.abspath(os.path.expanduser(storage))
 
 
-def _latest_run(storage: str, stem: str) -> str | None:
+def latest_run(storage: str, stem: str) -> str | None:
     import pyarrow.fs as pafs
 
     from raypipe.data.sources import get_filesystem
@@ -68,10 +68,10 @@ def resolve_config(config: str | os.PathLike | Config | None = None, overrides: 
     else:
         stem = Path(config).stem if config else "default"
         cfg = load_config(config, extra)
-    storage = _expand_storage(cfg.run.storage_path)
+    storage = expand_storage(cfg.run.storage_path)
     name = cfg.run.name
     if name is None:
-        name = _latest_run(storage, stem) if resume else None
+        name = latest_run(storage, stem) if resume else None
         if resume and name is None:
             raise ConfigError(
                 f"resume: no earlier run of '{stem}' in {storage}. Start a new run (no resume), or "

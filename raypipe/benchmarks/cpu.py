@@ -4,7 +4,7 @@ they were ready to run but waited for a CPU, and what this driver and Ray's own 
 ``ingest`` reports it next to its images/s, so that a ratio below the target says why: on a
 machine whose cores are all given to the data stage, Ray's driver (its streaming executor and
 batch iterator), raylet, GCS and Ray Data's helper actors take CPU from the lanes, where a
-DataLoader's workers have the cores to themselves (docs/performance-log.md, entry 16).
+DataLoader's workers have the cores to themselves.
 
 Processes are this node's only (a multi-node cluster's other nodes are not seen), read from
 ``/proc`` through psutil; the wait for a CPU needs Linux's per-thread ``schedstat`` (None

@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 
 def search_name(storage: str, given: str | None, prefix: str, resume: bool) -> str:
     """``given``, or ``<prefix>-<date>-<time>``; ``resume`` picks the latest ``<prefix>-*``."""
-    from raypipe.cli import _latest_run
+    from raypipe.api import latest_run
 
     if given:
         return given
     if resume:
-        latest = _latest_run(storage, prefix)
+        latest = latest_run(storage, prefix)
         if latest is None:
             raise ConfigError(
                 f"--resume: no earlier search named {prefix}-* in {storage}. Run without "
@@ -39,9 +39,9 @@ def search_name(storage: str, given: str | None, prefix: str, resume: bool) -> s
 
 
 def _storage(spec_storage: str | None, base: Config) -> str:
-    from raypipe.cli import _expand_storage
+    from raypipe.api import expand_storage
 
-    return _expand_storage(spec_storage) if spec_storage else base.run.storage_path
+    return expand_storage(spec_storage) if spec_storage else base.run.storage_path
 
 
 def _stem(config: str | None) -> str:
