@@ -302,7 +302,12 @@ class TrainConfig(_Section):
     milestones: list[int] = [30, 60]
     plateau_metric: Literal["val_loss", "val_auc"] = "val_loss"
     plateau_patience: int = Field(2, ge=0)
-    loss: Literal["ce", "weighted_ce", "focal"] = "weighted_ce"
+    loss: Literal["ce", "weighted_ce", "focal", "bce", "weighted_bce", "weighted"] = Field(
+        "weighted_ce", description="how the loss weighs; its form follows the data's task. One "
+        "label per file: cross-entropy, class weights N / (K n_k); multilabel: binary "
+        "cross-entropy per finding, positive weights negatives / positives. ce, bce: "
+        "unweighted; weighted_ce, weighted_bce, weighted: weighted (on multilabel data "
+        "weighted_ce is weighted_bce, and so on); focal: weighted and focal")
     class_weights: list[float] | None = None
     focal_gamma: float = Field(2.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
