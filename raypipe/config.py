@@ -338,12 +338,25 @@ class TrainConfig(_Section):
     torch_threads: int | None = Field(None, ge=1)
 
 
+CHECKPOINT_METRICS = ("val_auc", "val_loss", "val_acc", "val_balanced_acc", "val_pr_auc", "val_f1")
+
+
 class CheckpointConfig(_Section):
-    metric: Literal[
-        "val_auc", "val_loss", "val_acc", "val_balanced_acc", "val_pr_auc", "val_f1"
-    ] = "val_auc"
+    metric: str = Field(
+        "val_auc", description=f"one of {', '.join(CHECKPOINT_METRICS)}, or (multilabel) one "
+        "finding's AUC, val_auc/<finding>; val_auc is then the macro mean over the findings")
     mode: Literal["auto", "max", "min"] = "auto"
     num_to_keep: int = Field(2, ge=1)
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        finding = v.removeprefix("val_auc/") if v.startswith("val_auc/") else None
+        if v not in CHECKPOINT_METRICS and not (finding and finding.strip() == finding):
+            raise ValueError(
+                f"expected one of {', '.join(CHECKPOINT_METRICS)} or val_auc/<finding> (for "
+                f"example val_auc/Effusion), got {v!r}")
+        return v
 
     @property
     def resolved_mode(self) -> str:
