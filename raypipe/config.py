@@ -107,7 +107,7 @@ class DataConfig(_Section):
                     f"{self.group_pattern!r} both name the groups. Keep one of the two")
             try:
                 groups = re.compile(self.group_pattern).groups
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:
                 raise ValueError(
                     f"data.group_pattern={self.group_pattern!r} is not a regex: {exc}") from None
             if groups < 1:

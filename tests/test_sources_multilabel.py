@@ -164,13 +164,25 @@ def test_an_empty_label_cell_is_an_error_not_silently_no_finding(tmp_path: Path)
 def test_a_validation_manifest_takes_the_training_findings(tmp_path: Path, caplog) -> None:
     train_csv = write_manifest(tmp_path / "train", synthetic_rows(60, seed=1))
     val_rows = [("Effusion|Pneumonia", "900", "40", "PA"), ("No Finding", "901", "40", "PA"),
-                ("Mass", "902", "30", "AP")]
+                ("Mass", "1", "30", "AP")]  # patient 1 has training films too
     val_csv = write_manifest(tmp_path / "val", val_rows)
     with caplog.at_level(logging.WARNING, logger="raypipe"):
         split = _discover(f"data.manifest={train_csv}", f"data.val_manifest={val_csv}")
-    assert split.class_names == FINDINGS
+    assert split.class_names == FINDINGS and split.task == "multilabel"
     assert sorted(r.label for r in split.val) == [(0, 0, 0, 0), (0, 0, 0, 1), (0, 1, 0, 0)]
     assert any("['Pneumonia']" in m and "ignored" in m for m in caplog.messages)
+    # a given validation set is not split by raypipe, so it can share patients: said, not hidden
+    assert split.counts()["groups_on_both_sides"] == 1
+    assert any("1 group(s) (column 'Patient ID') have files on both sides" in m
+               for m in caplog.messages)
+
+
+def test_limit_takes_a_stratified_subset_of_multilabel_files(tmp_path: Path) -> None:
+    csv = write_manifest(tmp_path, synthetic_rows(200))
+    split = _discover(f"data.manifest={csv}", "data.limit=40")
+    assert len(split.train) == 40 and len(split.val) == 10
+    assert split.task == "multilabel" and _patients_on_both_sides(split) == set()
+    assert all(label_counts(split.train, 4)[i] > 0 for i in (0, 1, 3))
 
 
 # ---------------------------------------------------------------- groups
@@ -325,6 +337,11 @@ def test_where_filters_rows_before_the_split(tmp_path: Path, caplog) -> None:
     assert kept("Patient Age >= 070") == {k for k, t in truth.items() if t[2] >= 70}  # numeric
     assert kept("Patient ID in [1, 2, 3]") == {k for k, t in truth.items() if t[1] in ("1", "2", "3")}
     assert kept("Patient ID not in [1]") == {k for k, t in truth.items() if t[1] != "1"}
+    assert kept("View Position < B") == set(truth) - pa_only  # text compares as text
+    # rows of one finding each are still multilabel: the column's form decides, not the rows kept
+    single = _discover(f"data.manifest={csv}", "data.where=Finding Labels in [Mass, No Finding]")
+    assert single.task == "multilabel" and single.class_names == ["Mass"]  # of the rows kept
+    assert {r.label for r in single.train} == {(0,), (1,)}
 
 
 def test_where_errors_name_the_column_and_the_values(tmp_path: Path) -> None:

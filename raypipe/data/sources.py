@@ -100,7 +100,7 @@ class DatasetSplit:
 
     def __post_init__(self) -> None:
         if self.task is None:
-            self.task = infer_task(self.class_names, self.train + self.val)
+            self.task = infer_task(self.class_names, self.train or self.val)
 
     @property
     def multilabel(self) -> bool:
@@ -490,12 +490,14 @@ def list_manifest(
     """
     df = read_manifest_table(manifest)
     path_col, label_col = _label_columns(df, cfg, manifest)
+    # the column's form decides the task, whichever rows data.where keeps
+    multilabel = findings is not None or (
+        not single_label and _is_multilabel(df[label_col].astype(str), cfg, manifest, label_col))
     df = filter_rows(df, cfg.where, manifest)
     paths = df[path_col].astype(str)
     _check_safe_paths(paths, manifest)  # every row, before anything is read
     labels_raw = df[label_col].astype(str)
-    if findings is not None or (not single_label and _is_multilabel(labels_raw, cfg, manifest,
-                                                                     label_col)):
+    if multilabel:
         class_names, labels = _multilabel(labels_raw, cfg, manifest, label_col, findings)
     else:
         class_names, labels = _single_label(labels_raw, cfg, manifest, label_col)
