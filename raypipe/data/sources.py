@@ -17,14 +17,18 @@ float32 ``(N, K)`` multi-hot rows.
 The split is seeded, stratified, grouped and stable. Files of one group (``data.group_column``,
 default the ``Patient ID`` column; ``data.group_pattern`` for file names) always land on the same
 side; a file without a group is a group of its own. Each group belongs to the stratum of the
-rarest class or finding among its files (groups with no finding: one more stratum), and within
-each stratum validation takes the groups with the lowest hash (seed + group, or the relative path
-of an ungrouped file), as many as bring its file count closest to ``round(n * val_fraction)``
-(at least one group on each side when the stratum has two). So the rarest findings are split
-in proportion, and adding files never reshuffles the split: an existing group changes side only
-when a new group with a lower hash takes its place in its stratum, when the validation share
-grows, or when a new file gives the group a rarer finding (and so another stratum). Ungrouped,
-single-label data splits exactly as a per-class hash split.
+rarest class or finding among its files (groups with no finding: one last stratum). From the
+rarest stratum to the most common, validation takes the stratum's groups with the lowest hash
+(seed + group, or the relative path of an ungrouped file), as many as bring the validation
+files of the stratum's class or finding closest to ``round(n * val_fraction)``, counting those
+that rarer strata already put there (the last stratum aims at the total file count); at least
+one group goes to each side when the stratum has two. So every finding is split in proportion
+as far as the groups allow, and adding files never reshuffles the split: an existing group
+changes side only when a new group with a lower hash takes its place in its stratum, when a
+stratum's target moves (more files, or rarer strata placing a few files differently), or when a
+new file gives the group a rarer finding (and so another stratum). Ungrouped single-label data
+splits exactly as a per-class hash split: per class, the ``round(n * val_fraction)`` files with
+the lowest hash.
 """
 
 from __future__ import annotations
