@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -33,9 +41,29 @@ class DataConfig(_Section):
     path_column: str = Field("path", description="the manifest's column of relative file paths")
     label_column: str = Field("label", description="the manifest's column of labels")
     positive_finding: str | None = Field(
-        None, description="one finding of a multi-finding label column (e.g. Effusion) as the "
-        "positive class of a binary task")
+        None, description="one finding of a multi-finding label column (NIH: Effusion) as the "
+        "positive class of a binary task; the other class is no_<finding>")
     label_separator: str = Field("|", description="what joins several findings in one label")
+    task: Literal["auto", "binary", "multiclass", "multilabel"] = Field(
+        "auto", description="multilabel: each file has zero or more findings (label_separator-"
+        "joined names in a manifest's label column), one sigmoid output each; binary and "
+        "multiclass: one label per file; auto: multilabel when the label column holds joined "
+        "names and positive_finding is not set, else one label per file")
+    no_finding: str = Field(
+        "No Finding", description="multilabel: the label that means no finding (all zeros, not "
+        "a class)")
+    findings: list[str] | None = Field(
+        None, description="multilabel: the findings to learn and their order; null = every "
+        "finding of the training manifest, sorted")
+    group_column: str | None = Field(
+        "auto", description="manifest column whose equal values (a patient) stay on one side of "
+        "the split; auto = 'Patient ID' when the manifest has it; null = every file on its own")
+    group_pattern: str | None = Field(
+        None, description="regex on a file's name whose first group names its group (Kermany: "
+        "'person(\\d+)_'); files that do not match are their own group")
+    where: list[str] = Field(
+        [], description="keep only manifest rows meeting every condition, before the split: "
+        "'<column> <op> <value>' with op ==, !=, <, <=, >, >= or '<column> in [a, b]'")
     val_root: str | None = Field(None, description="a separate validation folder")
     val_manifest: str | None = Field(None, description="a separate validation manifest")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0,
@@ -56,6 +84,77 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(
         None, description="where the built-in dataset is written (default: $RAYPIPE_CACHE or "
         "~/.cache/raypipe)")
+
+    @field_validator("where", mode="before")
+    @classmethod
+    def _one_condition(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # data.where="View Position == PA"
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.positive_finding and self.task in ("multiclass", "multilabel"):
+            raise ValueError(
+                f"data.positive_finding={self.positive_finding!r} makes the task binary, but "
+                f"data.task={self.task!r}. Remove one of the two")
+        if self.findings is not None:
+            if self.positive_finding or self.task in ("binary", "multiclass"):
+                raise ValueError(
+                    f"data.findings={self.findings} is for data.task multilabel (or auto), but "
+                    f"data.task={self.task!r}, data.positive_finding={self.positive_finding!r}. "
+                    "Remove data.findings, or data.positive_finding, or set data.task=multilabel")
+            dup = sorted({f for f in self.findings if self.findings.count(f) > 1})
+            if not self.findings or dup or self.no_finding in self.findings:
+                raise ValueError(
+                    f"data.findings={self.findings}: list at least one finding, each once, and "
+                    f"not the no-finding label data.no_finding={self.no_finding!r}")
+        if self.group_pattern is not None:
+            if self.group_column not in ("auto", None):
+                raise ValueError(
+                    f"data.group_column={self.group_column!r} and data.group_pattern="
+                    f"{self.group_pattern!r} both name the groups. Keep one of the two")
+            try:
+                groups = re.compile(self.group_pattern).groups
+            except (re.error, OverflowError, RecursionError) as exc:
+                raise ValueError(
+                    f"data.group_pattern={self.group_pattern!r} is not a regex: {exc}") from None
+            if groups < 1:
+                raise ValueError(
+                    f"data.group_pattern={self.group_pattern!r} has no (...) group to name the "
+                    "patient; for example 'person(\\d+)_'")
+        for condition in self.where:
+            parse_where(condition)
+        return self
+
+
+_WHERE_IN = re.compile(r"^\s*(?P<col>.+?)\s+(?P<op>not\s+in|in)\s*\[(?P<val>.*)\]\s*$")
+_WHERE_CMP = re.compile(r"^\s*(?P<col>.+?)\s*(?P<op>==|!=|<=|>=|<|>)\s*(?P<val>.*?)\s*$")
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def parse_where(condition: str) -> tuple[str, str, list[str]]:
+    """``"Patient Age <= 18"`` -> ``("Patient Age", "<=", ["18"])``; ``"View Position in [PA, AP]"``
+    -> ``("View Position", "in", ["PA", "AP"])``. Values may be quoted ('PA', '' for empty)."""
+    m = _WHERE_IN.match(condition)
+    if m:
+        values = [_unquote(v) for v in m["val"].split(",") if v.strip()]
+        op = " ".join(m["op"].split())
+    else:
+        m = _WHERE_CMP.match(condition)
+        values = [_unquote(m["val"])] if m and m["val"] else []
+        op = m["op"] if m else ""
+    column = _unquote(m["col"]) if m else ""
+    if not m or not column or not values:
+        raise ValueError(
+            f"data.where condition {condition!r} is not '<column> <op> <value>' (op one of "
+            "==, !=, <, <=, >, >=) or '<column> in [a, b]'; for example 'View Position == PA' "
+            "or 'Patient Age <= 18'")
+    return column, op, values
 
 
 class PreprocessConfig(_Section):
@@ -189,8 +288,11 @@ class TrainConfig(_Section):
     plateau_metric: Literal["val_loss", "val_auc"] = Field(
         "val_loss", description="schedule plateau: the metric watched")
     plateau_patience: int = Field(2, ge=0, description="schedule plateau: epochs without progress")
-    loss: Literal["ce", "weighted_ce", "focal"] = Field(
-        "weighted_ce", description="cross-entropy, weighted by inverse class prevalence, or focal")
+    loss: Literal["ce", "weighted_ce", "focal", "bce", "weighted_bce", "weighted"] = Field(
+        "weighted_ce", description="how the loss weighs; its form follows the task: one label per "
+        "file, cross-entropy with class weights N / (K n_k); multilabel, binary cross-entropy per "
+        "finding with positive weights negatives / positives. ce, bce: unweighted; weighted_ce, "
+        "weighted_bce, weighted: weighted; focal: weighted and focal")
     class_weights: list[float] | None = Field(
         None, description="explicit class weights (default: N / (K n_k) from the training counts)")
     focal_gamma: float = Field(2.0, ge=0.0, description="loss focal: the focusing exponent")
@@ -224,13 +326,27 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1, description="restarts from the last checkpoint after a failure")
 
 
+CHECKPOINT_METRICS = ("val_auc", "val_loss", "val_acc", "val_balanced_acc", "val_pr_auc", "val_f1")
+
+
 class CheckpointConfig(_Section):
-    metric: Literal[
-        "val_auc", "val_loss", "val_acc", "val_balanced_acc", "val_pr_auc", "val_f1"
-    ] = Field("val_auc", description="the validation metric that ranks checkpoints")
+    metric: str = Field(
+        "val_auc", description=f"the validation metric that ranks checkpoints: one of "
+        f"{', '.join(CHECKPOINT_METRICS)}, or (multilabel) one finding's AUC, val_auc/<finding> "
+        "(val_auc is then the macro mean over the findings)")
     mode: Literal["auto", "max", "min"] = Field(
         "auto", description="auto: min for val_loss, else max")
     num_to_keep: int = Field(2, ge=1, description="best checkpoints kept (and always the latest)")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        finding = v.removeprefix("val_auc/") if v.startswith("val_auc/") else None
+        if v not in CHECKPOINT_METRICS and not (finding and finding.strip() == finding):
+            raise ValueError(
+                f"expected one of {', '.join(CHECKPOINT_METRICS)} or val_auc/<finding> (for "
+                f"example val_auc/Effusion), got {v!r}")
+        return v
 
     @property
     def resolved_mode(self) -> str:

@@ -24,6 +24,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 RAY_FIXTURES = {"ray_cluster"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection looks at the markers
 def pytest_collection_modifyitems(config, items) -> None:
     """Tiers: a test that uses a Ray fixture is ``ray``; one that is neither ``ray`` nor
     ``slow`` (end-to-end jobs in subprocesses, servers, clusters) is ``fast``: pure Python, no
@@ -31,7 +32,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
-        if not any(item.iter_markers(name) for name in ("ray", "slow")):
+        if not any(item.get_closest_marker(name) for name in ("ray", "slow")):
             item.add_marker(pytest.mark.fast)
 
 
