@@ -38,8 +38,10 @@ def _split_table(data: dict) -> list[str]:
              + " |", "|---" * (2 + 2 * len(names)) + "|"]
     for split in ("train", "val"):
         counts = data.get(split, {})
-        total = sum(counts.values()) or 1
-        lines.append(f"| {split} | {sum(counts.values())} | "
+        # files per side (multilabel: a file may count under several findings, or none)
+        files = data.get(f"{split}_total", sum(counts.values()))
+        total = files or 1
+        lines.append(f"| {split} | {files} | "
                      + " | ".join(str(counts.get(n, 0)) for n in names) + " | "
                      + " | ".join(f"{counts.get(n, 0) / total:.3f}" for n in names) + " |")
     return lines

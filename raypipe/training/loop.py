@@ -29,10 +29,13 @@ def autocast_context(device: torch.device, amp: str):
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool):
+    """(images, labels) on ``device``: labels as class indices (int64), or multi-hot float
+    vectors as they come (multilabel)."""
     x = batch["image"].to(device, non_blocking=True)
     if channels_last and device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch["label"].to(device, non_blocking=True).long()
+    y = batch["label"].to(device, non_blocking=True)
+    return x, (y.float() if y.is_floating_point() else y.long())
 
 
 class WeightAverage:
@@ -250,13 +253,16 @@ def predict(
         logits.append(out.float().cpu().numpy())
         labels.append(y.cpu().numpy())
     if not labels:
-        return np.zeros((0,), np.int64), np.zeros((0, 0), np.float32)
+        return np.zeros((0,), np.int64), np.zeros((0, 0), np.float32)  # a worker with no rows
     return np.concatenate(labels), np.concatenate(logits)
 
 
 def evaluate_loss(logits: np.ndarray, labels: np.ndarray, loss_fn: nn.Module) -> float:
-    """Validation loss on the full (gathered) prediction set, with the training loss function."""
+    """Validation loss on the full (gathered) prediction set, with the training loss function
+    (``labels``: class indices, or multi-hot float vectors)."""
     if len(labels) == 0:
         return float("nan")
+    target = torch.from_numpy(labels)
+    target = target.float() if target.is_floating_point() else target.long()
     with torch.no_grad():
-        return float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels).long()))
+        return float(loss_fn(torch.from_numpy(logits), target))

@@ -32,6 +32,7 @@ from raypipe.report.console import RunProgress
 from raypipe.training import checkpoints
 from raypipe.training.doctor import TrainingDiverged
 from raypipe.training.losses import loss_facts, loss_text
+from raypipe.training.metrics import checkpoint_metric_problem
 from raypipe.training.worker import DIVERGED_FILE, train_func
 
 log = logging.getLogger(__name__)
@@ -161,16 +162,35 @@ def _read_json(uri: str) -> Any:
 
 def validate_split(split: DatasetSplit, cfg: Config) -> None:
     """Problems that would only show after minutes of training: fail now, clearly."""
-    val_labels = {r.label for r in split.val}
-    if len(val_labels) < 2:
-        raise RunError(
-            f"the validation split has {len(split.val)} images of {len(val_labels)} class(es); "
-            "AUC needs both classes. Add images, raise data.val_fraction, or give data.val_root."
-        )
     train_counts = split.train_label_counts()
-    if min(train_counts) == 0:
-        empty = [n for n, c in zip(split.class_names, train_counts, strict=True) if c == 0]
-        raise RunError(f"classes {empty} have no training images after the split.")
+    if split.multilabel:
+        undefined = split.undefined_auc()
+        if len(undefined) == len(split.class_names):
+            raise RunError(
+                f"no finding has both positive and negative films on the validation side "
+                f"({len(split.val)} films), so no AUC can be computed. Add films, raise "
+                "data.val_fraction, or give data.val_manifest.")
+        if undefined:
+            log.warning("findings %s have no positive (or no negative) validation film: their AUC "
+                        "is undefined and left out of val_auc (the macro mean). Raise "
+                        "data.val_fraction or leave them out with data.findings.", undefined)
+        absent = [n for n, c in zip(split.class_names, train_counts, strict=True) if c == 0]
+        if absent:
+            raise RunError(f"findings {absent} have no positive training film after the split. "
+                           "Leave them out with data.findings, or add films.")
+    else:
+        val_labels = {r.label for r in split.val}
+        if len(val_labels) < 2:
+            raise RunError(
+                f"the validation split has {len(split.val)} images of {len(val_labels)} class(es); "
+                "AUC needs both classes. Add images, raise data.val_fraction, or give data.val_root."
+            )
+        if min(train_counts) == 0:
+            empty = [n for n, c in zip(split.class_names, train_counts, strict=True) if c == 0]
+            raise RunError(f"classes {empty} have no training images after the split.")
+    problem = checkpoint_metric_problem(cfg.checkpoint.metric, split.class_names, split.multilabel)
+    if problem:
+        raise RunError(problem)
     if cfg.train.batch_size > len(split.train) and cfg.train.overfit_subset is None:
         raise RunError(
             f"train.batch_size={cfg.train.batch_size} is larger than the training set "
@@ -213,6 +233,8 @@ def build_trainer(
     log.info("loss: %s", loss_text(loss))
     facts = {
         "class_names": split.class_names,
+        "task": split.task,
+        "multilabel": split.multilabel,
         # None for plain cross-entropy, which has no use for them
         "class_weights": list(loss["class_weights"].values()) if loss["class_weights"] else None,
         "run_dir": run_dir_of(cfg),
@@ -438,8 +460,12 @@ def _explain_storage(cause: str, cfg: Config) -> str:
 
 def run_loss_facts(cfg: Config, split: DatasetSplit, records: list[Record]) -> dict:
     """:func:`~raypipe.training.losses.loss_facts` of this run's training files."""
-    return loss_facts(cfg.train.loss, split.class_names,
-                      label_counts(records, len(split.class_names)), cfg.train.class_weights)
+    try:
+        return loss_facts(cfg.train.loss, split.class_names,
+                          label_counts(records, len(split.class_names), split.multilabel),
+                          cfg.train.class_weights, multilabel=split.multilabel, total=len(records))
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
 
 
 def file_accounting(

@@ -22,7 +22,7 @@ from raypipe.report.tensorboard import TensorBoardLogger
 from raypipe.training import checkpoints, loop
 from raypipe.training.doctor import GradientDoctor, TrainingDiverged
 from raypipe.training.losses import build_loss
-from raypipe.training.metrics import classification_metrics, softmax
+from raypipe.training.metrics import metrics_from_logits
 from raypipe.training.optim import EpochScheduler, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,12 @@ def gather_predictions(labels: np.ndarray, logits: np.ndarray) -> tuple[np.ndarr
 
 
 def epoch_metrics(
-    labels: np.ndarray, logits: np.ndarray, class_names: list[str], loss_fn, threshold: float
+    labels: np.ndarray, logits: np.ndarray, class_names: list[str], loss_fn, threshold: float,
+    multilabel: bool = False,
 ) -> dict:
-    """``val_*`` metrics from the full gathered validation predictions."""
-    m = classification_metrics(labels, softmax(logits.astype(np.float64)), class_names, threshold)
+    """``val_*`` metrics from the full gathered validation predictions (multilabel: per finding,
+    ``val_auc/<finding>``, and their macro mean ``val_auc``)."""
+    m = metrics_from_logits(labels, logits, class_names, multilabel=multilabel, threshold=threshold)
     out = {f"val_{k}": v for k, v in m.items() if k not in ("confusion", "n")}
     out["val_loss"] = loop.evaluate_loss(logits, labels, loss_fn)
     out["val_samples"] = m["n"]
@@ -137,9 +139,11 @@ def train_func(config: dict) -> None:
         model.parameters(), t.model_copy(update={"weight_decay": 0.0}) if weight_decay_off else t
     )
     scheduler = EpochScheduler(optimizer, t)
+    multilabel = bool(facts.get("multilabel"))
     loss_fn = build_loss(t.loss, facts["class_weights"], focal_gamma=t.focal_gamma,
-                         label_smoothing=t.label_smoothing).to(device)
-    eval_loss_fn = build_loss(t.loss, facts["class_weights"], focal_gamma=t.focal_gamma)
+                         label_smoothing=t.label_smoothing, multilabel=multilabel).to(device)
+    eval_loss_fn = build_loss(t.loss, facts["class_weights"], focal_gamma=t.focal_gamma,
+                              multilabel=multilabel)
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and device.type == "cuda")
     ema = loop.WeightAverage(model, t.ema_decay) if t.ema_decay else None
     start_epoch, history = _restore(checkpoints.latest_complete(facts["run_dir"]), model,
@@ -187,7 +191,7 @@ def train_func(config: dict) -> None:
             tb.close()
             return
         val, confusion = epoch_metrics(labels, logits, facts["class_names"], eval_loss_fn,
-                                       t.threshold)
+                                       t.threshold, multilabel)
         metrics = {"epoch": epoch, "lr": lr, **stats, **val}
         metrics["images_per_s_total"] = _sum_over_workers(stats["images_per_s"], device)
         scheduler.step(metrics)
@@ -261,6 +265,7 @@ def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, 
         "metrics": metrics,
         "history": history,
         "class_names": facts["class_names"],
+        "task": facts.get("task"),
         "preprocess": cfg.preprocess.model_dump(mode="json"),
         "model": {"name": cfg.model.name, "in_channels": cfg.preprocess.channels,
                   "num_classes": len(facts["class_names"])},
