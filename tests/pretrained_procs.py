@@ -1,12 +1,10 @@
-"""What the spawned processes of test_pretrained.py run: kept apart from the test module so that
-a child imports torch and raypipe only (not torchvision, pytest's conftest or the fixtures)."""
+"""What the spawned processes of test_pretrained.py run, kept apart from the test module so that
+a child imports only what it uses (torchvision and pytest's conftest take seconds to import on a
+busy machine; a fetching child does not even need torch)."""
 
 from __future__ import annotations
 
-import torch
-
 from raypipe.models.pretrained import fetch_pretrained
-from raypipe.models.resnet import create_model
 
 
 def fetch_in_process(barrier, results, uri: str, cache: str) -> None:
@@ -16,6 +14,8 @@ def fetch_in_process(barrier, results, uri: str, cache: str) -> None:
 
 
 def batches(n: int, channels: int = 1, seed: int = 0) -> list[dict]:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     return [{"image": torch.randn(4, channels, 32, 32, generator=g),
              "label": torch.randint(0, 2, (4,), generator=g)} for _ in range(n)]
@@ -23,6 +23,8 @@ def batches(n: int, channels: int = 1, seed: int = 0) -> list[dict]:
 
 def epoch(model, data, optimizer, freeze: str, index: int = 0) -> None:
     """One :func:`raypipe.training.loop.train_one_epoch`, BatchNorm statistics recomputed."""
+    import torch
+
     from raypipe.training import loop
     from raypipe.training.doctor import GradientDoctor
 
@@ -34,8 +36,10 @@ def epoch(model, data, optimizer, freeze: str, index: int = 0) -> None:
 def ddp_freeze(rank: int, world: int, port: int, weights: str, out: str) -> None:
     """One rank of a DDP run: an epoch with the backbone frozen, then one released; saves the
     state at the start, after the frozen epoch and at the end to ``out/rank<r>.pt``."""
+    import torch
     import torch.distributed as dist
 
+    from raypipe.models.resnet import create_model
     from raypipe.training.freeze import set_frozen
 
     torch.set_num_threads(1)

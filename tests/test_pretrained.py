@@ -22,11 +22,12 @@ from raypipe.config import Config, ConfigError, load_config
 from raypipe.models.pretrained import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PretrainedError,
     fetch_pretrained,
     input_statistics,
     state_digest,
 )
-from raypipe.models.resnet import PretrainedError, architecture_of, create_model
+from raypipe.models.resnet import architecture_of, create_model
 
 BUCKET = "raypipe-pretrained"
 KEY = "weights/resnet18.pth"
@@ -427,3 +428,21 @@ def test_two_worker_run_starts_from_the_s3_weights_and_freezes_the_backbone(
              if not torch.equal(ck1[k], expected[k])]
     assert len(moved) == 3
     assert not torch.equal(ck1["layer2.0.bn1.running_mean"], expected["layer2.0.bn1.running_mean"])
+
+
+def test_search_trials_get_absolute_weight_paths_and_ablation_turns_the_statistics_off(
+        tmp_path, monkeypatch):
+    from raypipe.tune.ablation import component_variants
+    from raypipe.tune.driver import absolute_data_overrides
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg("model.pretrained=w/resnet18.pth", "model.cache_dir=cache",
+               f"data.root={tmp_path}")
+    overrides = absolute_data_overrides(cfg)  # trials run in another directory
+    assert f"model.pretrained={tmp_path / 'w' / 'resnet18.pth'}" in overrides
+    assert f"model.cache_dir={tmp_path / 'cache'}" in overrides
+    assert not absolute_data_overrides(_cfg(f"model.pretrained=s3://{BUCKET}/{KEY}",
+                                            f"data.root={tmp_path}"))
+    # removing normalisation must not have the weights' statistics filled in again
+    assert component_variants(cfg)["no_normalize"]["model.pretrained_stats"] == "none"
+    assert "model.pretrained_stats" not in component_variants(_cfg())["no_normalize"]

@@ -5,7 +5,8 @@ A URI (``s3://``, ``gs://``) is downloaded into a per-node cache folder keyed by
 object's size and modification time, under a file lock, so the training workers of one node (and
 a driver on it) download it once between them and a changed object is fetched again. A local
 path is read in place on each node: it has to exist on every node, which object storage gives
-for free on a multi-node cluster.
+for free on a multi-node cluster. Fetching needs no torch (a process that only fetches starts
+fast); the functions on tensors import it when called.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
-import torch
 from filelock import FileLock
 
 from raypipe.config import ModelConfig, PreprocessConfig
-from raypipe.models.resnet import PretrainedError, architecture_of
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,11 @@ IMAGENET_CLASSES = 1000
 WEIGHTS_FILE = "weights.pt"
 SOURCE_FILE = "source.json"  # written last: a cache entry without it is incomplete
 _CHUNK = 8 << 20
+
+
+class PretrainedError(ValueError):
+    """``model.pretrained`` cannot be used: missing, unreachable, unreadable, or not the model's
+    architecture. The message names the file, what was expected and what arrived."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,8 @@ def file_sha256(path: str) -> str:
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of ``state``'s tensors: equal digests,
     equal weights."""
+    import torch
+
     digest = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
@@ -200,6 +210,8 @@ def weights_statistics(state: Mapping[str, torch.Tensor], mode: str) -> tuple[bo
     """(whether the weights expect ImageNet's mean/std, why). A state dict does not record the
     statistics it was trained with; ``auto`` takes a torchvision ResNet layout with a 1000-class
     classifier for ImageNet-1k weights, whose torchvision recipes all use ImageNet's."""
+    from raypipe.models.resnet import architecture_of
+
     if mode == "imagenet":
         return True, "model.pretrained_stats=imagenet"
     if mode == "none":

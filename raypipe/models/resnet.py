@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from raypipe.models.pretrained import PretrainedError
+
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -160,11 +162,6 @@ REGISTRY: dict[str, tuple[Block, list[int]]] = {
     "resnet101": (Bottleneck, [3, 4, 23, 3]),
     "resnet152": (Bottleneck, [3, 8, 36, 3]),
 }
-
-
-class PretrainedError(ValueError):
-    """``model.pretrained`` cannot be used: missing, unreadable, or not the model's architecture.
-    The message names the file, what was expected and what arrived."""
 
 
 def create_model(

@@ -200,8 +200,13 @@ def check_pretrained(cfg: Config, num_classes: int) -> Config:
         return cfg
     import torch
 
-    from raypipe.models.pretrained import fetch_pretrained, input_statistics, is_remote
-    from raypipe.models.resnet import PretrainedError, ResNet, adapt_state_dict, read_state_dict
+    from raypipe.models.pretrained import (
+        PretrainedError,
+        fetch_pretrained,
+        input_statistics,
+        is_remote,
+    )
+    from raypipe.models.resnet import ResNet, adapt_state_dict, read_state_dict
 
     cfg = cfg.model_copy(deep=True)
     if not is_remote(cfg.model.pretrained):

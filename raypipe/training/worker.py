@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from raypipe.config import Config
-from raypipe.models.pretrained import fetch_pretrained, state_digest
-from raypipe.models.resnet import PretrainedError, ResNet, create_model, load_pretrained
+from raypipe.models.pretrained import PretrainedError, fetch_pretrained, state_digest
+from raypipe.models.resnet import ResNet, create_model, load_pretrained
 from raypipe.report.tensorboard import TensorBoardLogger
 from raypipe.training import checkpoints, loop
 from raypipe.training.doctor import GradientDoctor, TrainingDiverged
