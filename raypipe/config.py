@@ -181,8 +181,11 @@ class PreprocessConfig(_Section):
         "WindowWidth when it has one, else none; none = the modality values (stored values "
         "after RescaleSlope/RescaleIntercept) as they are; [center, width] = that LINEAR window "
         "on every film. Other formats ignore it")
-    mean: list[float] | None = Field(None, description="per-channel mean to subtract after scaling")
-    std: list[float] | None = Field(None, description="per-channel std to divide by after scaling")
+    mean: list[float] | None = Field(
+        None, description="per-channel mean to subtract after scaling (null: the weights' own "
+        "with model.pretrained, see model.pretrained_stats; else none)")
+    std: list[float] | None = Field(
+        None, description="per-channel std to divide by after scaling (null: as for mean)")
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
@@ -256,9 +259,36 @@ class ModelConfig(_Section):
     init: Literal["default", "kaiming", "xavier"] = Field(
         "kaiming", description="weight initialisation: He, Glorot, or PyTorch's")
     pretrained: str | None = Field(
-        None, description="a torchvision-format ResNet state_dict file to start from")
+        None, description="a torchvision-format ResNet state_dict to start from: an s3:// or "
+        "gs:// URI (fetched once per node into model.cache_dir) or a local path (read on each "
+        "node, so it must exist on every node)")
+    pretrained_stats: Literal["auto", "imagenet", "none"] = Field(
+        "auto", description="the input statistics model.pretrained was trained with, used as "
+        "preprocess.mean/std when both are unset. imagenet: ImageNet's; auto: ImageNet's when the "
+        "file is a torchvision ResNet state_dict with a 1000-class (ImageNet-1k) head, else none; "
+        "none: leave preprocess.mean/std as they are")
+    cache_dir: str | None = Field(
+        None, description="each node's folder for fetched model.pretrained files (default: "
+        "$RAYPIPE_CACHE/pretrained or ~/.cache/raypipe/pretrained, resolved on each node)")
+    freeze: Literal["none", "stem", "backbone"] = Field(
+        "none", description="weights held fixed for the first model.freeze_epochs epochs: stem = "
+        "conv1 + bn1, backbone = everything but fc (their BatchNorm layers keep their running "
+        "statistics meanwhile)")
+    freeze_epochs: int = Field(
+        1, ge=0, description="epochs that model.freeze lasts; after them every weight trains")
     zero_init_residual: bool = Field(
         False, description="start each residual block's last BatchNorm at zero")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.pretrained is not None and not self.pretrained.strip():
+            raise ValueError("pretrained is empty: give a file path or an s3:// / gs:// URI, or null")
+        if self.pretrained_stats == "imagenet" and not self.pretrained:
+            raise ValueError(
+                "pretrained_stats=imagenet describes the weights of model.pretrained, which is not "
+                "set. Set model.pretrained, or for ImageNet statistics without pretrained weights "
+                "set preprocess.mean=[0.485,0.456,0.406] and preprocess.std=[0.229,0.224,0.225]")
+        return self
 
 
 class TrainConfig(_Section):

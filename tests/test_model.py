@@ -160,7 +160,9 @@ def test_pretrained_mismatch_is_a_clear_error(tv_resnet18_file):
     msg = str(err.value)
     assert "does not match resnet50" in msg and str(path) in msg
     assert "missing keys" in msg and "shape mismatches" in msg
-    assert "torchvision" in msg
+    # names the first offending keys and what the file is instead
+    assert "layer1.0.conv3.weight" in msg and "layer1.0.conv1.weight file (64, 64, 3, 3)" in msg
+    assert "The file holds a resnet18: set model.name=resnet18" in msg
 
 
 def test_pretrained_missing_or_garbage_file(tmp_path):

@@ -7,8 +7,13 @@ so torchvision-format weight files load directly.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+
+from raypipe.models.pretrained import PretrainedError
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -165,38 +170,82 @@ def create_model(
     num_classes: int = 1000,
     init: str = "kaiming",
     zero_init_residual: bool = False,
-    pretrained: str | None = None,
+    pretrained: str | Mapping[str, torch.Tensor] | None = None,
 ) -> ResNet:
-    """Build a registry model. ``pretrained``: a local torchvision-format state-dict file."""
+    """Build a registry model. ``pretrained``: a local torchvision-format state-dict file, or a
+    state dict already read (see :func:`load_pretrained`)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model '{name}', expected one of {sorted(REGISTRY)}")
     block, layers = REGISTRY[name]
     model = ResNet(block, layers, in_channels, num_classes, zero_init_residual, init)
-    if pretrained:
+    if pretrained is not None and (not isinstance(pretrained, str) or pretrained):
         load_pretrained(model, pretrained, name)
     return model
 
 
-def load_pretrained(model: ResNet, path: str, name: str = "model") -> None:
-    """Load torchvision-format weights. A 1-channel model gets conv1's RGB filters summed; a
-    different ``num_classes`` keeps the fresh ``fc``. Mismatches raise a clear ValueError."""
+def read_state_dict(path: str, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The ``name -> tensor`` dict saved at local ``path`` (a plain state dict, one saved from
+    DDP with ``module.`` prefixes, or a raypipe checkpoint's ``model.pt``). ``source``: what the
+    user named (e.g. the s3:// URI ``path`` was fetched from), for messages."""
+    where = source or path
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"model.pretrained: weight file '{path}' not found") from None
+        raise PretrainedError(f"model.pretrained: weight file '{where}' not found") from None
     except Exception as exc:
-        raise ValueError(f"model.pretrained: '{path}' is not a readable weight file: {exc}") from None
+        raise PretrainedError(
+            f"model.pretrained: '{where}' is not a readable weight file: {exc}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a raypipe checkpoint's model.pt
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"model.pretrained: '{path}' holds a {type(state).__name__}, expected a state_dict "
+        raise PretrainedError(
+            f"model.pretrained: '{where}' holds a {type(state).__name__}, expected a state_dict "
             "(name -> tensor), e.g. torch.save(torchvision.models.resnet18().state_dict(), path)."
         )
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    return {str(k).removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+
+
+@functools.cache
+def _registry_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Every state-dict entry's shape of a 3-channel, 1000-class registry model (torchvision's
+    layout), built on the meta device: shapes only, no memory."""
+    block, layers = REGISTRY[name]
+    with torch.device("meta"):
+        model = ResNet(block, layers, 3, 1000, init="default")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _body(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The entries that do not depend on the input channels or the class count."""
+    return {k: v for k, v in shapes.items() if k != "conv1.weight" and not k.startswith("fc.")}
+
+
+def architecture_of(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The registry name whose layout (every key and shape but conv1's and fc's) ``state`` has,
+    e.g. ``"resnet50"``; None when it is no registry ResNet."""
+    body = _body({k: tuple(v.shape) for k, v in state.items()})
+    return next((n for n in REGISTRY if _body(_registry_shapes(n)) == body), None)
+
+
+def _listing(items: list[str], limit: int = 5) -> str:
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def adapt_state_dict(
+    model: ResNet, state: Mapping[str, torch.Tensor], name: str = "model",
+    source: str = "the file",
+) -> dict[str, torch.Tensor]:
+    """``state`` fitted to ``model``: a 1-channel model gets conv1's RGB filters summed (a gray
+    image then gives what the RGB network gives on that image in three copies); another channel
+    count gets their mean repeated; a different class count drops the file's ``fc`` (the model
+    keeps its fresh one). Raises :class:`PretrainedError` listing the first missing, unexpected
+    and mis-shaped keys when the layouts differ. ``model`` may live on the meta device (checks
+    only)."""
+    state = dict(state)
     own = model.state_dict()
     w = state.get("conv1.weight")
-    if w is not None and w.shape[1] != model.in_channels:
+    if w is not None and w.dim() == 4 and w.shape[1] != model.in_channels:
         if model.in_channels == 1:
             state["conv1.weight"] = w.sum(dim=1, keepdim=True)
         else:
@@ -206,16 +255,36 @@ def load_pretrained(model: ResNet, path: str, name: str = "model") -> None:
     missing = [k for k in own if k not in state and not k.startswith("fc.")]
     unexpected = [k for k in state if k not in own]
     bad_shape = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        f"{k} file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
         if k in own and v.shape != own[k].shape
     ]
     if missing or unexpected or bad_shape:
-        raise ValueError(
-            f"model.pretrained: '{path}' does not match {name}: "
-            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
-            f"{unexpected[:3]}, shape mismatches {bad_shape[:3]}. Use weights saved from the same "
-            "architecture (torchvision resnet state_dict)."
+        found = architecture_of(state)
+        if found is not None and found != name:
+            fix = f"The file holds a {found}: set model.name={found}."
+        else:
+            fix = (f"Use weights saved from a torchvision {name} (or set model.name to the file's "
+                   f"architecture), e.g. torch.save(torchvision.models.{name}().state_dict(), path).")
+        raise PretrainedError(
+            f"model.pretrained: '{source}' does not match {name} ({model.in_channels}-channel "
+            f"input, {model.num_classes} classes): {len(missing)} missing keys "
+            f"[{_listing(missing)}]; {len(unexpected)} unexpected keys [{_listing(unexpected)}]; "
+            f"{len(bad_shape)} shape mismatches [{_listing(bad_shape)}]. {fix}"
         )
-    model.load_state_dict(state, strict=False)
+    return state
 
+
+def load_pretrained(
+    model: ResNet, weights: str | Mapping[str, torch.Tensor], name: str = "model",
+    source: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load torchvision-format weights (a local file or a state dict read by
+    :func:`read_state_dict`) into ``model``, fitted by :func:`adapt_state_dict`. Returns the
+    tensors loaded (the fresh ``fc`` is not among them when the class count differs)."""
+    if isinstance(weights, str):
+        source = source or weights
+        weights = read_state_dict(weights, source)
+    state = adapt_state_dict(model, weights, name, source or "the state dict")
+    model.load_state_dict(state, strict=False)
+    return state

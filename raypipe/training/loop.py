@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raypipe.training.doctor import GradientDoctor, TrainingDiverged
+from raypipe.training.freeze import frozen_modules, hold_frozen_batchnorm
 
 
 def autocast_context(device: torch.device, amp: str):
@@ -106,22 +107,27 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @torch.no_grad()
 def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
-                       amp: str = "none") -> None:
+                       amp: str = "none", freeze: str = "none") -> None:
     """Replace every BatchNorm layer's running statistics with the mean of its statistics over
     ``batches``, computed with the model's current weights (the parameters do not change).
     PyTorch's running statistics are an exponential average over training steps, each taken with
     the weights of its step: with a few steps per epoch (small datasets, subsets) they still hold
     earlier epochs' weights and their initial 0 and 1, which the current weights do not match, and
-    validation can put every image in one class while training is fine."""
-    layers = batchnorm_layers(model)
+    validation can put every image in one class while training is fine. The layers of a frozen
+    part (``freeze``, see :mod:`raypipe.training.freeze`) keep their statistics and run in eval
+    mode, as they did in training."""
+    held = frozen_modules(model, freeze)
+    kept = {id(m) for m in batchnorm_layers(nn.ModuleList(held))}
+    layers = [layer for layer in batchnorm_layers(model) if id(layer) not in kept]
     if not layers:
         return
     momenta = [layer.momentum for layer in layers]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # a cumulative average over the batches below
     model.train()
+    hold_frozen_batchnorm(held)
     try:
         with autocast_context(device, amp):
             for x in batches:
@@ -129,7 +135,8 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], device
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 class RecentInputs:
@@ -166,13 +173,17 @@ def train_one_epoch(
     ema: WeightAverage | None = None,
     mixup_alpha: float = 0.0,
     bn_stats_samples: int = 0,
+    freeze: str = "none",
 ) -> dict:
     """One pass over ``batches`` (updating ``ema`` after every step). With ``bn_stats_samples``,
     the BatchNorm statistics of the model (and of ``ema``'s) are then recomputed over the epoch's
     last that many training images (:func:`recompute_bn_stats`). Returns loss (sample-weighted
     mean), sample count, steps, images/s, data-wait fraction, the epoch's time and the part of it
-    the recompute took, and gradient-norm statistics."""
+    the recompute took, and gradient-norm statistics. ``freeze``: the part of the model whose
+    parameters the caller froze (:func:`raypipe.training.freeze.set_frozen`); its BatchNorm
+    layers run in eval mode."""
     model.train()
+    hold_frozen_batchnorm(frozen_modules(unwrap(model), freeze))
     recent = RecentInputs(bn_stats_samples)
     doctor.start_epoch()
     lr = float(optimizer.param_groups[0]["lr"])
@@ -219,7 +230,7 @@ def train_one_epoch(
     if recent.batches:
         # the unwrapped module: a DDP forward would broadcast rank 0's buffers at every batch
         for net in (unwrap(model), *([ema.module] if ema is not None else [])):
-            recompute_bn_stats(net, recent.batches, device, amp)
+            recompute_bn_stats(net, recent.batches, device, amp, freeze)
         recent.batches.clear()
     t_end = time.perf_counter()
     elapsed = max(t_end - t0, 1e-9)

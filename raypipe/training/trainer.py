@@ -28,6 +28,7 @@ from raypipe.data.sources import (
     label_counts,
     subset,
 )
+from raypipe.models.resnet import REGISTRY
 from raypipe.report.console import RunProgress
 from raypipe.training import checkpoints
 from raypipe.training.doctor import TrainingDiverged
@@ -205,18 +206,47 @@ def validate_split(split: DatasetSplit, cfg: Config) -> None:
         )
 
 
-def check_pretrained(cfg: Config, num_classes: int) -> None:
-    """Load ``model.pretrained`` once on the driver, so a wrong file fails before any worker
-    starts (a worker error would also be retried ``train.max_failures`` times)."""
-    if not cfg.model.pretrained:
-        return
-    from raypipe.models.resnet import create_model
+def check_pretrained(cfg: Config, num_classes: int) -> Config:
+    """Fetch and check ``model.pretrained`` on the driver, so a wrong or missing file fails
+    before any worker starts (a worker error would also be retried ``train.max_failures``
+    times). Returns ``cfg`` with a relative local path made absolute (workers run in another
+    directory) and ``preprocess.mean/std`` resolved from ``model.pretrained_stats``, which
+    then reach the data stage, the workers and every checkpoint's meta."""
+    m = cfg.model
+    if not m.pretrained:
+        if m.freeze != "none" and m.freeze_epochs > 0:
+            log.warning("model.freeze=%s without model.pretrained: the frozen part keeps its "
+                        "random initial weights for %d epoch(s)", m.freeze, m.freeze_epochs)
+        return cfg
+    import torch
 
+    from raypipe.models.pretrained import (
+        PretrainedError,
+        fetch_pretrained,
+        input_statistics,
+        is_remote,
+    )
+    from raypipe.models.resnet import ResNet, adapt_state_dict, read_state_dict
+
+    cfg = cfg.model_copy(deep=True)
+    if not is_remote(cfg.model.pretrained):
+        cfg.model.pretrained = os.path.abspath(os.path.expanduser(cfg.model.pretrained))
     try:
-        create_model(cfg.model.name, in_channels=cfg.preprocess.channels,
-                     num_classes=num_classes, pretrained=cfg.model.pretrained)
-    except ValueError as exc:
+        weights = fetch_pretrained(cfg.model.pretrained, cfg.model.cache_dir)
+        state = read_state_dict(weights.path, source=m.pretrained)
+        block, layers = REGISTRY[m.name]
+        with torch.device("meta"):  # shapes are all the check needs
+            model = ResNet(block, layers, cfg.preprocess.channels, num_classes, init="default")
+        adapt_state_dict(model, state, m.name, source=m.pretrained)
+    except PretrainedError as exc:
         raise RunError(str(exc)) from None
+    cfg.preprocess, message = input_statistics(cfg.preprocess, m, state)
+    log.info("model.pretrained: %s (sha256 %s) fits %s; %s", m.pretrained, weights.sha256[:16],
+             m.name, message)
+    if m.freeze != "none" and m.freeze_epochs > 0:
+        log.info("model.freeze: %s held fixed for the first %d epoch(s)", m.freeze,
+                 m.freeze_epochs)
+    return cfg
 
 
 def build_trainer(
@@ -273,7 +303,7 @@ def build_trainer(
 
 # our own errors, most specific first: when one of them is anywhere in the failure, it is the story
 _OWN_ERRORS = ("TrainingDiverged", "BadFileError", "StorageUnreachableError", "DataSourceError",
-               "DecodeError", "ResourceError", "RunError")
+               "DecodeError", "PretrainedError", "ResourceError", "RunError")
 # where a message ends and Ray's wrapping (tracebacks, retry advice) begins
 _MESSAGE_ENDS = ("\n\n", "\nTraceback", "\n  File ", "\nThe above exception", "\n(",
                  "\nray.exceptions.", "\nFailed to apply UDF")
@@ -360,7 +390,7 @@ def run_training(
     if cfg.train.overfit_subset is not None and train_records is None:
         train_records = subset(split.train, cfg.train.overfit_subset, cfg.data.split_seed)
     validate_split(split, cfg)
-    check_pretrained(cfg, len(split.class_names))
+    cfg = check_pretrained(cfg, len(split.class_names))
     run_dir = run_dir_of(cfg)
     _write_text(join_uri(run_dir, "config.yaml"), config_to_yaml(cfg))
     if train_records is not None:

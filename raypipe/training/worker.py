@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterable
 from typing import Any
@@ -17,10 +18,12 @@ import torch
 import torch.distributed as dist
 
 from raypipe.config import Config
-from raypipe.models.resnet import create_model
+from raypipe.models.pretrained import PretrainedError, fetch_pretrained, state_digest
+from raypipe.models.resnet import ResNet, create_model, load_pretrained
 from raypipe.report.tensorboard import TensorBoardLogger
 from raypipe.training import checkpoints, loop
 from raypipe.training.doctor import GradientDoctor, TrainingDiverged
+from raypipe.training.freeze import set_frozen
 from raypipe.training.losses import build_loss
 from raypipe.training.metrics import metrics_from_logits
 from raypipe.training.optim import EpochScheduler, build_optimizer
@@ -28,15 +31,47 @@ from raypipe.training.optim import EpochScheduler, build_optimizer
 log = logging.getLogger(__name__)
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    """``obj`` of every worker, in rank order, on every worker."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def load_start_weights(model: ResNet, cfg: Config, rank: int) -> dict | None:
+    """Load ``model.pretrained`` into this worker's ``model`` (fetched once per node), then check
+    with every other worker that all of them loaded the same tensors. DDP would hide a worker
+    that loaded something else (it copies rank 0's weights to all at start), but such a worker
+    points at a real fault: a local path holding different files on different nodes. Returns
+    the start's provenance for the checkpoints' meta (None without ``model.pretrained``)."""
+    uri = cfg.model.pretrained
+    if not uri:
+        return None
+    weights = fetch_pretrained(uri, cfg.model.cache_dir)
+    loaded = load_pretrained(model, weights.path, cfg.model.name, source=uri)
+    mine = {"rank": rank, "node": socket.gethostname(), "file_sha256": weights.sha256,
+            "loaded_sha256": state_digest(loaded), "downloaded": weights.downloaded}
+    workers = _all_gather(mine)
+    if len({(w["file_sha256"], w["loaded_sha256"]) for w in workers}) > 1:
+        seen = "; ".join(f"rank {w['rank']} on {w['node']}: file sha256 {w['file_sha256'][:16]}"
+                         for w in workers)
+        raise PretrainedError(
+            f"model.pretrained: the workers loaded different weights from '{uri}' ({seen}). A "
+            "local path must hold the same file on every node: put the file in object storage "
+            "(s3:// or gs://) and give its URI, or copy the same file to every node.")
+    log.info("model.pretrained: rank %d loaded %d tensors from %s (file sha256 %s, loaded "
+             "sha256 %s, %s)", rank, len(loaded), uri, weights.sha256[:16],
+             mine["loaded_sha256"][:16], "downloaded" if weights.downloaded else "not downloaded")
+    return {"source": uri, "file_sha256": weights.sha256, "loaded_sha256": mine["loaded_sha256"],
+            "tensors_loaded": len(loaded), "workers": workers}
+
 
 def gather_predictions(labels: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every worker's (labels, logits), concatenated in rank order on every worker. Shards may
     be uneven or empty."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return labels, logits
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (labels, logits))
-    parts = [p for p in parts if len(p[0])]
+    parts = [p for p in _all_gather((labels, logits)) if len(p[0])]
     if not parts:
         return labels, logits
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -129,11 +164,19 @@ def train_func(config: dict) -> None:
     model = create_model(
         cfg.model.name, in_channels=cfg.preprocess.channels,
         num_classes=len(facts["class_names"]), init=cfg.model.init,
-        zero_init_residual=cfg.model.zero_init_residual, pretrained=cfg.model.pretrained,
+        zero_init_residual=cfg.model.zero_init_residual,
     )
+    start = load_start_weights(model, cfg, rank)
+    if start is not None:
+        facts = {**facts, "pretrained": start}
     if t.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    resume_uri = checkpoints.latest_complete(facts["run_dir"])
+    first_epoch = checkpoints.epoch_of(resume_uri) + 1 if resume_uri else 0
+    freezing = cfg.model.freeze != "none" and first_epoch < cfg.model.freeze_epochs
+    # frozen parameters get no gradient: DDP must not wait for them (see training/freeze.py)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True} if freezing else None)
     weight_decay_off = t.overfit_subset is not None
     optimizer = build_optimizer(
         model.parameters(), t.model_copy(update={"weight_decay": 0.0}) if weight_decay_off else t
@@ -146,8 +189,7 @@ def train_func(config: dict) -> None:
                               multilabel=multilabel)
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and device.type == "cuda")
     ema = loop.WeightAverage(model, t.ema_decay) if t.ema_decay else None
-    start_epoch, history = _restore(checkpoints.latest_complete(facts["run_dir"]), model,
-                                    optimizer, scheduler, scaler, ema)
+    start_epoch, history = _restore(resume_uri, model, optimizer, scheduler, scaler, ema)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -162,6 +204,11 @@ def train_func(config: dict) -> None:
 
     for epoch in range(start_epoch, t.epochs):
         lr = scheduler.lr
+        frozen = cfg.model.freeze if epoch < cfg.model.freeze_epochs else "none"
+        if cfg.model.freeze != "none" and set_frozen(loop.unwrap(model), cfg.model.freeze,
+                                                     frozen != "none"):
+            log.info("epoch %d: model.freeze=%s %s", epoch, cfg.model.freeze,
+                     "held fixed" if frozen != "none" else "released: every weight trains")
         # the training stage reads the epoch (its file order, its augmentation seeds) from the
         # clock: set it once every worker is done with the previous epoch's batches
         if rank == 0 and clock is not None:
@@ -174,6 +221,7 @@ def train_func(config: dict) -> None:
                 grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last, scaler=scaler,
                 ema=ema, mixup_alpha=0.0 if t.overfit_subset is not None else t.mixup_alpha,
                 bn_stats_samples=t.bn_stats_samples if t.bn_stats == "precise" else 0,
+                freeze=frozen,
             )
             _check_finite("a model weight or BatchNorm statistic",
                           loop.unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
@@ -269,6 +317,7 @@ def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, 
         "preprocess": cfg.preprocess.model_dump(mode="json"),
         "model": {"name": cfg.model.name, "in_channels": cfg.preprocess.channels,
                   "num_classes": len(facts["class_names"])},
+        "pretrained": facts.get("pretrained"),  # where the weights started: source, hashes
         "config": cfg.to_dict(),
         "data": facts.get("data", {}),
     }

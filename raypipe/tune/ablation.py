@@ -109,6 +109,8 @@ def component_variants(cfg: Config) -> dict[str, dict[str, Any]]:
     if p.normalize != "none" or p.mean is not None:
         out["no_normalize"] = {"preprocess.normalize": "none", "preprocess.mean": None,
                                "preprocess.std": None}
+        if cfg.model.pretrained:  # or the weights' statistics would be filled in again
+            out["no_normalize"]["model.pretrained_stats"] = "none"
     if a.enabled:
         out["no_augmentation"] = {"augment.enabled": False}
         for name, suffix, off in _AUGMENTATIONS:

@@ -102,14 +102,16 @@ def absolute_config_path(path: str | None) -> str | None:
 
 
 def absolute_data_overrides(cfg: Config) -> list[str]:
-    """Overrides making relative local data paths absolute (trials run in another directory)."""
+    """Overrides making relative local data and weight paths absolute (trials run in another
+    directory)."""
     out = []
-    for key in ("root", "manifest", "val_root", "val_manifest", "cache_dir"):
-        value = getattr(cfg.data, key)
+    keys = [("data", k) for k in ("root", "manifest", "val_root", "val_manifest", "cache_dir")]
+    for section, key in [*keys, ("model", "pretrained"), ("model", "cache_dir")]:
+        value = getattr(getattr(cfg, section), key)
         if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
             from raypipe.tune.space import yaml_scalar
 
-            out.append(f"data.{key}={yaml_scalar(os.path.abspath(value))}")
+            out.append(f"{section}.{key}={yaml_scalar(os.path.abspath(value))}")
     return out
 
 
