@@ -11,8 +11,6 @@ import pytest
 from conftest import TAME
 from PIL import Image
 
-from raypipe.config import load_config
-
 FINDINGS = ["Effusion", "Hernia", "Mass"]
 
 

@@ -110,7 +110,8 @@ for name in names:
 after_ctx = repr(sorted((k, repr(v)) for k, v in vars(ray.data.DataContext.get_current()).items()))
 print(json.dumps({
     "modules": len(names),
-    "env_changed": sorted(k for k in set(before_env) | set(os.environ) if before_env.get(k) != os.environ.get(k)),
+    "env_changed": sorted(k for k in set(before_env) | set(os.environ)
+                          if before_env.get(k) != os.environ.get(k)),
     "ray_initialized": ray.is_initialized(),
     "context_changed": before_ctx != after_ctx,
     "new_threads": sorted({t.name for t in threading.enumerate()} - before_threads),
