@@ -4,7 +4,8 @@ with zero workers and a head that takes no work (0 CPUs), as the cloud configs d
 worker nodes; each job succeeds and the idle nodes go away again. Started as cluster/README.md
 step 0 starts it, with ``RAYPIPE_MAX_CPUS`` in ``ray start``'s environment; and without it, a
 job whose training workers can never fit ends after Ray Train's worker-group timeout with
-raypipe's ResourceError instead of waiting forever.
+raypipe's ResourceError instead of waiting forever (and a fast test pins the failure policy
+raypipe gives Ray Train for either case).
 
 Each cluster runs in its own temp dir on free ports (the GCS port is handed to the fake provider
 through ``provider.gcs_address``), so it never meets the shared ``ray_cluster`` fixture or any
@@ -25,10 +26,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import ROOT, free_ports, kill_cluster
+from conftest import ROOT, free_ports, kill_cluster, make_image_folder
 
 RAY = str(Path(sys.executable).parent / "ray")
 LOCAL_YAML = ROOT / "cluster" / "local.yaml"
@@ -263,3 +265,28 @@ def test_job_on_a_cluster_of_unknown_size_ends_when_its_workers_never_come(
     assert elapsed < timeout_s + 150, f"the job took {elapsed:.0f} s to end"
     summary = json.loads((results / "never-fits" / "summary.json").read_text())
     assert summary["status"] == "failed" and "did not provide the training workers" in summary["error"]
+
+
+@pytest.mark.parametrize("known_max", [True, False])
+def test_trainer_waits_for_its_workers_only_where_the_cluster_size_is_known(known_max, tmp_path,
+                                                                            monkeypatch):
+    """The TorchTrainer raypipe builds (no Ray started): Ray Train's controller retries a worker
+    group that did not start in time without limit by default. raypipe keeps that where the
+    pre-check has seen the cluster's maximum (the workers fit; nodes may take minutes to boot) and
+    allows no retry where the size is unknown (the workers may never come)."""
+    from raypipe.config import load_config
+    from raypipe.data.sources import discover
+    from raypipe.training import trainer
+
+    root = make_image_folder(tmp_path / "imgs", {"a": 6, "b": 6})
+    cfg = load_config(None, [f"data.root={root}", f"run.storage_path={tmp_path / 'runs'}",
+                             "run.name=r", "train.num_workers=2", "train.cpus_per_worker=1"])
+    built: dict = {}
+    monkeypatch.setattr(trainer, "cluster_capacity", lambda: ({"CPU": 4.0}, known_max))
+    monkeypatch.setattr(trainer.pipeline, "build_datasets",
+                        lambda *a, **k: SimpleNamespace(train="train", val="val", clock=None))
+    monkeypatch.setattr(trainer, "TorchTrainer", lambda *a, **k: built.update(k) or "trainer")
+    trainer.build_trainer(cfg, discover(cfg.data))
+    failure = built["run_config"].failure_config
+    assert failure.max_failures == cfg.train.max_failures
+    assert failure.controller_failure_limit == (-1 if known_max else 0)
