@@ -67,14 +67,32 @@ def _cluster_spec(name: str) -> dict:
     return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
 
 
-def _entrypoint_config():
-    """The training config the RayJob's entrypoint resolves to (file + overrides)."""
+def _entrypoint_config(*extra: str):
+    """The training config the RayJob's entrypoint resolves to (file + overrides + ``extra``)."""
     argv = shlex.split(_rayjob()["spec"]["entrypoint"])
     assert argv[:2] == ["python", "jobs/train.py"], argv
     assert argv[2] == "--config"
     config_file = argv[3]
     assert (ROOT / config_file).is_file(), f"entrypoint names {config_file}, which does not exist"
-    return load_config(ROOT / config_file, argv[4:])
+    return load_config(ROOT / config_file, argv[4:] + list(extra))
+
+
+def _precheck_at_zero(cfg, head: dict, node_env: dict, monkeypatch):
+    """raypipe's resource pre-check as the job's driver runs it on the cluster at zero workers:
+    Ray reports the head alone, the node's environment carries what ``RAYPIPE_MAX_*`` it sets.
+    Returns (layout, capacity); raises ResourceError as the job would."""
+    import ray
+
+    from raypipe.training import trainer
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {k: float(v) for k, v in head.items()})
+    for key in trainer.MAX_ENV.values():
+        monkeypatch.delenv(key, raising=False)
+        if key in node_env:
+            monkeypatch.setenv(key, node_env[key])
+    capacity, known = trainer.cluster_capacity()
+    assert known, "the nodes do not tell raypipe how far the cluster grows"
+    return trainer.resolve_layout(cfg, capacity, known), capacity
 
 
 def _launcher_max(config: dict) -> dict[str, int]:
@@ -134,7 +152,7 @@ def test_validation_is_not_a_no_op():
 
 
 @pytest.mark.parametrize("name", CLOUD_YAMLS)
-def test_cloud_yaml_has_cpu_and_gpu_worker_types_that_fit_the_run(name):
+def test_cloud_yaml_has_cpu_and_gpu_worker_types_that_fit_the_run(name, monkeypatch):
     config = _load(name)
     cfg = _entrypoint_config()
     types = config["available_node_types"]
@@ -148,13 +166,24 @@ def test_cloud_yaml_has_cpu_and_gpu_worker_types_that_fit_the_run(name):
     assert gpu["resources"]["CPU"] >= cfg.train.cpus_per_worker
     per_node = int(gpu["resources"]["GPU"] // cfg.train.gpus_per_worker)
     assert gpu["max_workers"] * per_node >= cfg.train.num_workers
-    # the CPU nodes can hold the largest preprocessing actor pool
-    assert cpu["resources"]["CPU"] >= cfg.pipeline.train.cpus_per_actor
-    assert cpu["max_workers"] * cpu["resources"]["CPU"] >= (
-        cfg.pipeline.train.max_actors * cfg.pipeline.train.cpus_per_actor
-    )
     assert cpu["min_workers"] == 0 and gpu["min_workers"] == 0  # scale from zero
     assert config["max_workers"] >= cpu["max_workers"] + gpu["max_workers"]
+    # with only the head up, the run passes raypipe's pre-check against the RAYPIPE_MAX_* the
+    # nodes carry, on GPUs; one GPU more than the cluster can grow to does not
+    layout, capacity = _precheck_at_zero(cfg, head["resources"], _docker_env(config), monkeypatch)
+    assert layout.use_gpu and capacity == {"CPU": _launcher_max(config)["CPU"], "GPU": 4}
+    from raypipe.training.trainer import ResourceError, resolve_layout
+
+    with pytest.raises(ResourceError, match="GPUs"):
+        resolve_layout(_entrypoint_config(f"train.num_workers={int(capacity['GPU']) + 1}"),
+                       capacity, True)
+    # the data workers fit the CPU nodes (one per node at least, all of them at max_workers), so
+    # they need not take the GPU nodes' CPUs
+    assert cfg.pipeline.workers != "auto", "size the data workers for the CPU nodes"
+    assert layout.data_workers == cfg.pipeline.workers
+    assert cpu["resources"]["CPU"] >= cfg.pipeline.cpus_per_worker
+    assert cpu["max_workers"] * cpu["resources"]["CPU"] >= (
+        layout.data_workers * cfg.pipeline.cpus_per_worker)
 
 
 @pytest.mark.parametrize("name", CLOUD_YAMLS)
@@ -426,10 +455,54 @@ def test_local_yaml_is_a_small_fake_multinode_cluster():
     config = _load("local.yaml")
     assert config["provider"]["type"] == "fake_multinode"
     types = config["available_node_types"]
-    assert types["ray.head.default"]["max_workers"] == 0
+    head = types["ray.head.default"]
+    assert head["max_workers"] == 0
+    assert head["resources"]["CPU"] == 0, "the head takes no work: every run scales up from zero"
     worker = types["cpu_worker"]
     assert worker["min_workers"] == 0 and worker["resources"]["CPU"] == 1
     assert config["idle_timeout_minutes"] <= 1
+    # the `ray start` shown in its comments and in the README: head CPUs and the cluster's maximum
+    most = _launcher_max(config)
+    text = (CLUSTER / "local.yaml").read_text()
+    for shown in (text, _readme()):
+        assert f"RAYPIPE_MAX_CPUS={most['CPU']} ray start --head --num-cpus={head['resources']['CPU']}" in (
+            re.sub(r"\\\n#?\s*", " ", shown)), "the local `ray start` line is out of date"
+    assert "RAYPIPE_AUTOSCALING_CONFIG" not in text + _readme()
+
+
+def _train_commands(text: str) -> list[list[str]]:
+    """The arguments of every ``python jobs/train.py ...`` command in ``text`` (a README or YAML
+    comments: comment marks dropped, continued lines joined)."""
+    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    return [shlex.split(line.split("python jobs/train.py", 1)[1])
+            for line in joined.splitlines() if "python jobs/train.py" in line]
+
+
+def _train_config(args: list[str]):
+    if args[:1] == ["--config"]:
+        return load_config(ROOT / args[1], args[2:])
+    return load_config(None, args)
+
+
+def test_readme_commands_use_keys_that_exist(monkeypatch):
+    """Every training command cluster/README.md and local.yaml show resolves (unknown keys such
+    as pipeline.train.max_actors fail), and the local one passes the pre-check on local.yaml's
+    cluster at zero workers."""
+    readme = _train_commands(_readme())
+    local = _train_commands((CLUSTER / "local.yaml").read_text())
+    assert len(readme) == 2 and local == readme[:1], (readme, local)
+    for args in readme:
+        _train_config(args)  # raises ConfigError on a key or value that does not exist
+    config = _load("local.yaml")
+    head = config["available_node_types"][config["head_node_type"]]["resources"]
+    env = {"RAYPIPE_MAX_CPUS": str(_launcher_max(config)["CPU"])}
+    layout, _ = _precheck_at_zero(_train_config(local[0]), head, env, monkeypatch)
+    assert layout.train_cpus + _train_config(local[0]).pipeline.cpus_per_worker == 2
+    from raypipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_actors"):
+        _train_config(local[0] + ["pipeline.train.max_actors=8"])
 
 
 # ---------------------------------------------------------------- KubeRay manifests
@@ -665,7 +738,7 @@ def test_rayjob_uses_the_raycluster_spec_and_a_valid_entrypoint():
     assert cfg.run.storage_path.startswith("s3://") and cfg.data.root.startswith("s3://")
 
 
-def test_kuberay_resources_match_the_training_config():
+def test_kuberay_resources_match_the_training_config(monkeypatch):
     cfg = _entrypoint_config()
     spec = _rayjob()["spec"]["rayClusterSpec"]
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
@@ -678,11 +751,18 @@ def test_kuberay_resources_match_the_training_config():
     assert groups["gpu"]["maxReplicas"] * (gpus_per_pod // cfg.train.gpus_per_worker) >= (
         cfg.train.num_workers
     )
-    # the preprocessing pool at its largest fits the CPU group
-    assert _cpus(cpu_req["cpu"]) >= cfg.pipeline.train.cpus_per_actor
+    # with the worker groups at zero, the run passes raypipe's pre-check against the pods'
+    # RAYPIPE_MAX_*, on GPUs
+    head_pod = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {v["name"]: v["value"] for v in head_pod["env"] if "value" in v}
+    head = {"CPU": _cpus(spec["headGroupSpec"]["rayStartParams"]["num-cpus"])}
+    layout, capacity = _precheck_at_zero(cfg, head, env, monkeypatch)
+    assert layout.use_gpu and capacity["GPU"] >= cfg.train.num_workers * cfg.train.gpus_per_worker
+    # the data workers fit the CPU group
+    assert cfg.pipeline.workers != "auto", "size the data workers for the CPU group"
+    assert _cpus(cpu_req["cpu"]) >= cfg.pipeline.cpus_per_worker
     assert groups["cpu"]["maxReplicas"] * _cpus(cpu_req["cpu"]) >= (
-        cfg.pipeline.train.max_actors * cfg.pipeline.train.cpus_per_actor
-    )
+        layout.data_workers * cfg.pipeline.cpus_per_worker)
 
 
 def test_cluster_readme_walks_through_the_steps():
@@ -699,19 +779,3 @@ def test_cluster_readme_walks_through_the_steps():
     for test_name in re.findall(r"`(test_[a-z0-9_]+)`", text):
         found = subprocess.run(["grep", "-rlq", f"def {test_name}", str(ROOT / "tests")])
         assert found.returncode == 0, f"cluster/README.md cites {test_name}, which does not exist"
-
-
-def test_autoscaling_capacity_from_launcher_yaml(monkeypatch, tmp_path):
-    """The trainer's pre-flight check counts what the autoscaler may add (v1: from its YAML)."""
-    from raypipe.training import trainer
-
-    path = tmp_path / "bootstrap.yaml"
-    path.write_text(Path(CLUSTER / "aws.yaml").read_text())
-    monkeypatch.setenv("RAYPIPE_AUTOSCALING_CONFIG", str(path))
-    monkeypatch.setattr(trainer.ray._private.state.state, "get_max_resources_from_cluster_config",
-                        lambda: None)
-    most = trainer.autoscaling_max_resources()
-    assert most == {"CPU": 0 + 4 * 8 + 4 * 8, "GPU": 4}
-    monkeypatch.setenv("RAYPIPE_AUTOSCALING_CONFIG", str(tmp_path / "missing.yaml"))
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert trainer.autoscaling_max_resources() == {}

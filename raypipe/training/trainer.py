@@ -256,7 +256,8 @@ def build_trainer(
     """A ready-to-fit TorchTrainer and its datasets (with their bad-file ledger and epoch clock).
     ``stop_gate`` (a search scheduler's :class:`~raypipe.tune.stopping.StopGate`) is asked after
     each epoch but the last whether to go on."""
-    layout = resolve_layout(cfg, *cluster_capacity())
+    capacity, known_max = cluster_capacity()
+    layout = resolve_layout(cfg, capacity, known_max)
     records = split.train if train_records is None else train_records
     data = pipeline.build_datasets(cfg, split, records, layout.data_workers)
     loss = run_loss_facts(cfg, split, records)
@@ -292,7 +293,15 @@ def build_trainer(
                 checkpoint_score_attribute=cfg.checkpoint.metric,
                 checkpoint_score_order=cfg.checkpoint.resolved_mode,
             ),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.train.max_failures,
+                # Ray Train retries a worker group that did not start within
+                # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S forever by default. On a cluster whose
+                # maximum is known the pre-check has shown the workers fit, so waiting for the
+                # autoscaler is right however long nodes take to boot; on one of unknown size
+                # they may never come, so the first timeout ends the run (ResourceError).
+                controller_failure_limit=-1 if known_max else 0,
+            ),
             callbacks=callbacks or [],
         ),
         datasets={"train": data.train, "val": data.val},
