@@ -43,6 +43,15 @@ def test_relative_links_resolve(md):
     assert not broken, f"{md.relative_to(ROOT)}: broken links:\n" + "\n".join(broken)
 
 
+def test_the_readme_is_short_and_dateless():
+    """The README is for users (12 kB at most); measurements and their dates live in docs/."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) <= 12 * 1024, len(text.encode())
+    assert not re.search(r"20\d\d-\d\d-\d\d(?!-)", text.replace("20261207-101500", "")), \
+        "a date in the README"
+    assert "python jobs/train.py" in text and "pip install -e '.[test]' && python -m pytest" in text
+
+
 def test_code_carries_no_measurement_history():
     """Comments say why, briefly; dates, log entries and sessions belong in docs/."""
     pattern = re.compile(r"entry \d+|20\d\d-\d\d-\d\d|\b\w+(st|nd|rd|th) session|performance-log",
