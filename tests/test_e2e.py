@@ -11,23 +11,46 @@ from conftest import run_job
 
 
 @pytest.mark.slow
+def test_the_readme_first_run_prints_a_console_people_can_read(cache_dir, tmp_path):
+    """``python jobs/train.py`` as the README's first command runs it (its own local Ray; only the
+    results go to a temporary folder): after Ray's start-up lines, at most 40 lines, and each of
+    them one a user wants."""
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = run_job("train.py", f"run.storage_path={out}", "run.name=first", env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    started = max(i for i, line in enumerate(lines) if "Started a local Ray instance" in line)
+    after = lines[started + 1:]
+    assert len(after) <= 40, "\n".join(after)
+    text = "\n".join(after)
+    for noise in ("Reporting training result", "Execution plan", "Starting execution",
+                  "Checkpoint successfully created", "RayDeprecationWarning", "core_worker.cc",
+                  "Traceback"):
+        assert noise not in text, noise
+    assert "dataset " in text and "2 classes; train 160" in text
+    assert "loss: weighted_ce, class weights face 1, not_face 1" in text
+    epochs = [line for line in after if line.startswith("epoch ")]
+    assert len(epochs) == 8 and epochs[0].startswith("epoch 1/8: ")
+    assert proc.stdout.strip().splitlines()[-3:][0] == f"run directory: {out / 'first'}"
+
+
+@pytest.mark.slow
 def test_train_job_builtin_two_workers(ray_cluster, cache_dir, tmp_path):
     out = tmp_path / "results"
     proc = run_job(
         "train.py", "train.epochs=2", "train.num_workers=2", "preprocess.image_size=32",
-        # validation streams through its actors every epoch here (other runs preprocess it once),
-        # beside one training stream for the run (the cluster just holds both pools)
-        "pipeline.cache_val_mb=0", "pipeline.one_execution=true",
+        "pipeline.cache=false",  # every epoch streams from the files
         f"run.storage_path={out}", "run.name=e2e",
         env={"RAY_ADDRESS": ray_cluster},
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     run_dir = out / "e2e"
     assert f"run directory: {run_dir}" in proc.stdout
-    # the progress line of each epoch, once (Ray Train's print patch doubled it)
+    # the progress line of each epoch, once
     first = [line for line in (proc.stdout + proc.stderr).splitlines() if "epoch 1/2: " in line]
     assert len(first) == 1, first
-    # and not Ray Train's own line per report per worker, the whole metrics dict in each
+    # and not Ray Train's own line per report per worker
     assert "Reporting training result" not in proc.stdout + proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["metric"] == "val_auc"
