@@ -61,7 +61,8 @@ def _base_job(config: str | None, overrides: list[str], base: Config, name: str,
 def _concurrency(cfgs: list[Config], requested: int | None) -> int:
     from raypipe.training.trainer import cluster_capacity
 
-    n = drv.max_concurrent_trials(cfgs, *cluster_capacity(), requested=requested)
+    resources, known_max = cluster_capacity()
+    n = drv.max_concurrent_trials(cfgs, resources, requested=requested, known_max=known_max)
     log.info("running up to %d trial(s) at a time", n)
     return n
 
