@@ -358,7 +358,10 @@ def build_train_cache(cfg: Config, records_ref: Any, n: int, filesystem: pafs.Fi
     """Decode and resize the ``n`` training files once, with ``workers`` data tasks at a time,
     into the object store. Files found unreadable are recorded in ``ledger`` and left out."""
     p = cfg.pipeline
-    task = ray.remote(_prepare_part).options(num_cpus=p.cpus_per_worker, num_returns=2)
+    # "DEFAULT": outside the caller's placement group; a search trial's group (see
+    # raypipe.tune.driver.TRIAL_RESOURCES) captures its child tasks and has no CPU to give them
+    task = ray.remote(_prepare_part).options(num_cpus=p.cpus_per_worker, num_returns=2,
+                                             scheduling_strategy="DEFAULT")
     kwargs = {"token": uuid.uuid4().hex, "filesystem": filesystem, "cfg": cfg.to_dict(),
               "ledger": ledger, "records": records_ref, "prepare_only": True}
     spans = [(a, min(n, a + p.files_per_batch * 8)) for a in range(0, n, p.files_per_batch * 8)]
