@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import queue
+import re
 import ssl
 import tempfile
 import threading
@@ -126,6 +127,12 @@ def tracking_uri(cfg: Config, storage_path: str | None = None) -> str:
     return local_store(storage)
 
 
+def redact(uri: str) -> str:
+    """``uri`` without the password it may carry (``postgresql://user:secret@host/db`` ->
+    ``postgresql://user:***@host/db``), for messages and params."""
+    return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", uri)
+
+
 def check_tracking(cfg: Config, storage_path: str | None = None) -> None:
     """With ``track.mlflow`` on, fail before any training when tracking cannot work at all:
     ``mlflow`` is not installed, or there is nowhere for the local store."""
@@ -178,7 +185,8 @@ def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, ssl.SSLError):  # TLS settings are MLflow's to apply, not ours
             return
-        raise TrackingUnavailable(f"no answer from {uri} within {timeout:g} s ({reason})") from None
+        raise TrackingUnavailable(
+            f"no answer from {redact(uri)} within {timeout:g} s ({reason})") from None
 
 
 def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
@@ -209,7 +217,7 @@ def prepare_experiment(uri: str, name: str) -> bool:
         return True
     except Exception as exc:  # noqa: BLE001 - tracking must never stop a search
         log.warning("MLflow: could not set up experiment '%s' at %s: %s. %s The search goes on; "
-                    "its trials try again.", name, uri, _short(exc), advice(uri))
+                    "its trials try again.", name, redact(uri), _short(exc), advice(redact(uri)))
         return False
 
 
@@ -237,11 +245,15 @@ class MlflowTracker:
         self.run_name = cfg.run.name or "run"
         self.run_dir = join_uri(cfg.run.storage_path, self.run_name)
         self.uri = tracking_uri(cfg) if self.enabled else ""
+        self.shown_uri = redact(self.uri)
         self.experiment = cfg.track.experiment or DEFAULT_EXPERIMENT
         # a trial's sampled values too, under the names of its search space (e.g. a preset's)
         self.params = {**flatten_params(cfg.to_dict()), **flatten_params(params or {})}
+        if cfg.track.uri:
+            self.params["track.uri"] = redact(self.params["track.uri"])
         self.tags = {"run_dir": self.run_dir, **(tags or {})}
         self.run_id: str | None = None
+        self._experiment_id: str | None = None
         self.summary: dict | None = None
         self._client: Any = None
         self._failed = False
@@ -283,10 +295,22 @@ class MlflowTracker:
         self._submit("close the run", lambda: self._close(status, error))
         self._queue.put(None)
         self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._thread.is_alive():
+            if not self._failed:
+                log.info("MLflow: run %s logged to experiment '%s': %s", self.run_name,
+                         self.experiment, self.where())
+        else:
             log.warning("MLflow: run %s was not fully logged to %s within %.0f s; going on without "
-                        "waiting (its results are in %s). %s", self.run_name, self.uri, timeout,
-                        self.run_dir, advice(self.uri))
+                        "waiting (its results are in %s). %s", self.run_name, self.shown_uri,
+                        timeout, self.run_dir, advice(self.shown_uri))
+
+    def where(self) -> str:
+        """Where to see the run: its page on a tracking server, or the command that opens a UI
+        on a local store."""
+        if self.uri.startswith(("http://", "https://")):
+            return (f"{self.shown_uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs/"
+                    f"{self.run_id}")
+        return f"mlflow ui --backend-store-uri {self.shown_uri}"
 
     # -- the background thread
 
@@ -307,7 +331,7 @@ class MlflowTracker:
             self._failed = True
             log.warning("MLflow tracking is off for the rest of run %s: could not %s at %s: %s. "
                         "%s Training goes on; its results are in %s.", self.run_name, what,
-                        self.uri, _short(exc), advice(self.uri), self.run_dir)
+                        self.shown_uri, _short(exc), advice(self.shown_uri), self.run_dir)
 
     def _open(self) -> None:
         check_reachable(self.uri)
@@ -315,7 +339,8 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         self._client = client = MlflowClient(tracking_uri=self.uri)
-        experiment_id = ensure_experiment(client, self.experiment, artifact_root(self.uri))
+        self._experiment_id = experiment_id = ensure_experiment(client, self.experiment,
+                                                                artifact_root(self.uri))
         logged: dict[str, str] = {}
         previous = self._previous_run(experiment_id)
         if previous is not None:  # a resumed run continues its MLflow run
@@ -333,7 +358,7 @@ class MlflowTracker:
         params = [Param(k, v) for k, v in self.params.items() if k not in logged]
         client.log_batch(self.run_id, params=params)
         log.info("MLflow: logging run %s to experiment '%s' at %s", self.run_name,
-                 self.experiment, self.uri)
+                 self.experiment, self.shown_uri)
 
     def _previous_run(self, experiment_id: str) -> Any:
         if "'" in self.run_dir:  # cannot be quoted in MLflow's filter syntax
