@@ -54,13 +54,15 @@ def latest_run(storage: str, stem: str) -> str | None:
 
 
 def resolve_config(config: str | os.PathLike | Config | None = None, overrides: Overrides = None,
-                   resume: bool = False) -> Config:
+                   resume: bool = False, *, search: bool = False) -> Config:
     """The config a run trains with: ``config`` (a YAML path or a shipped config's name; a
     :class:`Config`; None: the built-in dataset's), overrides applied, the storage path made
     absolute and the run named.
 
     Without ``run.name`` each run gets ``<config>-<YYYYmmdd-HHMMSS>``; ``resume`` picks the
     latest such run of the same config instead. An explicit ``run.name`` that exists resumes it.
+    Without ``track.experiment`` the run's MLflow experiment is the config's name, unless
+    ``search`` (the base config of a search, whose trials go to the search's experiment).
     """
     extra = override_list(overrides)
     if isinstance(config, Config):
@@ -78,7 +80,11 @@ def resolve_config(config: str | os.PathLike | Config | None = None, overrides: 
                 "give run.name=<name of the run to continue>."
             )
         name = name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name, "storage_path": storage})})
+    track = cfg.track
+    if track.experiment is None and not search:
+        track = track.model_copy(update={"experiment": stem})
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name, "storage_path": storage}),
+                                  "track": track})
 
 
 def train(config: str | os.PathLike | Config | None = None, overrides: Overrides = None, *,

@@ -46,11 +46,12 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def load(path: str | None, overrides: list[str], resume: bool = False) -> Config:
+def load(path: str | None, overrides: list[str], resume: bool = False,
+         search: bool = False) -> Config:
     """The resolved config of a job (:func:`raypipe.api.resolve_config`)."""
     from raypipe.api import resolve_config
 
-    return resolve_config(path, overrides, resume=resume)
+    return resolve_config(path, overrides, resume=resume, search=search)
 
 
 def init_ray(verbose: bool = False, **kwargs) -> None:

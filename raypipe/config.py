@@ -13,14 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -397,6 +390,30 @@ class RunConfig(_Section):
         False, description="also show what Ray's workers print and Ray's INFO lines (--verbose)")
 
 
+class TrackConfig(_Section):
+    mlflow: bool = Field(
+        False, description="log every run and search trial to MLflow: the config as params, each "
+        "epoch's metrics, the best checkpoint's, the report files (pip install 'raypipe[track]')")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI: http(s)://host:port of a tracking server, or a "
+        "database (sqlite:///..., postgresql://...); null: a local store in "
+        "<run.storage_path>/mlruns, no server needed")
+    experiment: str | None = Field(
+        None, description="MLflow experiment of the run; null: the config's name (a search's "
+        "trials: the search's name)")
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, v: str | None) -> str | None:
+        # a bare path would be read by MLflow as its retired file store
+        if v is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", v):
+            raise ValueError(
+                f"track.uri needs a scheme, got {v!r}: http://host:5000 for a tracking server, "
+                "sqlite:////absolute/path/mlflow.db for a local database, or null for the local "
+                "store under run.storage_path")
+        return v
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -406,6 +423,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
+    track: TrackConfig = TrackConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from raypipe.report.tensorboard import epoch_line
@@ -16,24 +17,28 @@ POLL_S = 1.0
 class RunProgress:
     """``with RunProgress(clock, epochs, start):`` around ``fit()``: a ``tqdm`` bar over the
     run's epochs (images/s and the last validation AUC beside it) and each epoch's line above
-    it, as the epochs finish. ``enabled=False``: nothing is shown."""
+    it, as the epochs finish. ``enabled=False``: nothing is shown. Each of ``listeners`` (e.g.
+    the MLflow tracker) is called with every finished epoch's metrics, shown or not."""
 
     def __init__(self, clock: Any, epochs: int, start_epoch: int = 0, enabled: bool = True,
-                 metric: str = "val_auc"):
+                 metric: str = "val_auc", listeners: Sequence[Callable[[dict], None]] = ()):
         self.clock, self.epochs, self.start, self.metric = clock, epochs, start_epoch, metric
-        self.enabled = enabled and clock is not None
+        self.show = enabled and clock is not None
+        self.listeners = list(listeners) if clock is not None else []
+        self.enabled = self.show or bool(self.listeners)
         self.seen = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.bar = None
 
     def __enter__(self) -> RunProgress:
-        if self.enabled:
+        if self.show:
             from tqdm.auto import tqdm
 
             # no bar where stderr is not a terminal (a log file, ray job logs): the lines only
             self.bar = tqdm(total=self.epochs, initial=self.start, unit="epoch", desc="training",
                             file=sys.stderr, dynamic_ncols=True, leave=True, disable=None)
+        if self.enabled:
             self._thread = threading.Thread(target=self._watch, daemon=True, name="raypipe-progress")
             self._thread.start()
         return self
@@ -52,6 +57,10 @@ class RunProgress:
             return
         for metrics in new:
             self.seen += 1
+            for listener in self.listeners:
+                listener(metrics)
+            if self.bar is None:
+                continue
             self.bar.write(epoch_line(metrics, self.epochs))
             postfix = {"img/s": f"{metrics.get('images_per_s_total', math.nan):.0f}"}
             value = metrics.get(self.metric)
@@ -66,4 +75,5 @@ class RunProgress:
         self._stop.set()
         self._thread.join()
         self.poll()  # the last epochs
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -32,7 +32,9 @@ SCALARS = {
 }
 
 
-def _tag(name: str) -> str | None:
+def scalar_tag(name: str) -> str | None:
+    """The TensorBoard tag of metric ``name`` (MLflow logs it under the same name); None: not
+    plotted."""
     if name in SCALARS:
         return SCALARS[name]
     if name.startswith("val_") and name not in ("val_samples",):
@@ -84,7 +86,7 @@ class TensorBoardLogger:
         if not self.enabled:
             return
         for name, value in metrics.items():
-            tag = _tag(name)
+            tag = scalar_tag(name)
             if tag and isinstance(value, int | float) and math.isfinite(float(value)):
                 self.writer.add_scalar(tag, float(value), epoch)
         self.writer.flush()

@@ -388,10 +388,16 @@ def overfit_report(cfg: Config, history: list[dict]) -> dict:
 def run_training(
     cfg: Config, split: DatasetSplit | None = None, train_records: list[Record] | None = None,
     callbacks: list | None = None, stop_gate: Any = None, progress: bool = False,
+    track_params: dict[str, Any] | None = None, track_tags: dict[str, str] | None = None,
 ) -> dict:
     """Run one training job end to end; returns (and writes) ``summary.json``'s content.
-    ``progress``: show a progress bar and each epoch's line on this process's console."""
+    ``progress``: show a progress bar and each epoch's line on this process's console.
+    With ``track.mlflow``, the run is logged to MLflow from this process, with ``track_params``
+    (a search trial's sampled values) beside the config and ``track_tags`` on the run."""
+    from raypipe.report.tracking import MlflowTracker, check_tracking
+
     t0 = time.time()
+    check_tracking(cfg)
     if split is None:
         split = discover(cfg.data)  # which logs the split
     else:
@@ -412,9 +418,13 @@ def run_training(
     trainer, data = build_trainer(cfg, split, train_records, callbacks, stop_gate)
     records = split.train if train_records is None else train_records
     try:
-        with RunProgress(data.clock, cfg.train.epochs, start, enabled=progress,
-                         metric=cfg.checkpoint.metric):
-            return _fit_and_summarise(cfg, split, records, trainer, data.ledger, t0)
+        # the tracker closes the MLflow run after the progress watcher's last epochs
+        with MlflowTracker(cfg, track_params, track_tags) as tracker, RunProgress(
+                data.clock, cfg.train.epochs, start, enabled=progress,
+                metric=cfg.checkpoint.metric, listeners=tracker.listeners):
+            summary = _fit_and_summarise(cfg, split, records, trainer, data.ledger, t0)
+            tracker.finished(summary)
+        return summary
     finally:
         # the data stage's task processes keep a few pipelines' handles to these actors (see
         # pipeline.process_block), which would keep them alive after the run

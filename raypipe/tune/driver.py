@@ -52,6 +52,9 @@ class SearchJob:
     metric: str = "val_auc"
     mode: str = "max"
     early_stopping: bool = False
+    # track.uri and track.experiment of every trial (empty with tracking off), fixed once by
+    # the driver so that all trials log to the same store and experiment
+    track_overrides: list[str] = field(default_factory=list)
 
     @property
     def board_name(self) -> str:
@@ -92,7 +95,8 @@ class SearchJob:
                f"run.storage_path={yaml_scalar(self.runs_dir)}"]
         return load_config(
             self.base_config,
-            self.base_overrides + self.trial_overrides + extra + self.param_overrides(params) + run,
+            self.base_overrides + self.trial_overrides + extra + self.param_overrides(params) + run
+            + self.track_overrides,
         )
 
 
@@ -139,7 +143,8 @@ def train_trial(params: dict[str, Any], job: SearchJob) -> None:
         records = subset(split.train, job.subset, cfg.data.split_seed)
     gate = StopGate(job.board_name, trial_id) if job.early_stopping else None
     run_training(cfg, split=split, train_records=records, callbacks=[TuneReportCallback()],
-                 stop_gate=gate)
+                 stop_gate=gate, track_params=params,
+                 track_tags={"search": job.name, "trial_id": trial_id})
     if gate is not None and gate.stopped(last_epoch=cfg.train.epochs - 1):
         log.info("trial %s stopped early by the scheduler", trial_id)
         mark_stopped_early(run_dir_of(cfg))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raypipe.config import Config, ConfigError, load_config
+from raypipe.config import Config, ConfigError, load_config, with_overrides
 from raypipe.tune import ablation as abl
 from raypipe.tune import driver as drv
 from raypipe.tune.space import TuneSpec, example_points, param_space, yaml_scalar
@@ -54,8 +54,23 @@ def _base_job(config: str | None, overrides: list[str], base: Config, name: str,
         name=name, storage_path=storage, base_config=drv.absolute_config_path(config),
         base_overrides=list(overrides) + drv.absolute_data_overrides(base)
         + [f"run.storage_path={yaml_scalar(base.run.storage_path)}"],
+        track_overrides=_track_overrides(base, name, storage),
         **kwargs,
     )
+
+
+def _track_overrides(base: Config, name: str, storage: str) -> list[str]:
+    """With ``track.mlflow`` on: every trial logs to ``track.uri`` (default: the local store
+    under the search's storage) in ``track.experiment`` (default: the search's name), which is
+    set up now, before the trials race to."""
+    from raypipe.report.tracking import check_tracking, prepare_experiment, tracking_uri
+
+    if not base.track.mlflow:
+        return []
+    check_tracking(base, storage)
+    uri, experiment = tracking_uri(base, storage), base.track.experiment or name
+    prepare_experiment(uri, experiment)
+    return [f"track.uri={yaml_scalar(uri)}", f"track.experiment={yaml_scalar(experiment)}"]
 
 
 def _concurrency(cfgs: list[Config], requested: int | None) -> int:
@@ -89,7 +104,7 @@ def run_tune(config: str | None, overrides: list[str], spec: TuneSpec, *, full: 
     """Run (or resume) a search; returns ``best.json``'s content (plus the retrain summary)."""
     from raypipe.cli import init_ray, load
 
-    base = load(config, overrides)
+    base = load(config, overrides, search=True)
     storage = _storage(spec.storage_path, base)
     name = search_name(storage, spec.name, f"tune-{_stem(config)}", resume)
     job = _base_job(config, overrides, base, name, storage,
@@ -125,7 +140,8 @@ def retrain(job: drv.SearchJob, best: dict[str, Any]) -> dict[str, Any]:
     if "best_params" not in best:
         raise ConfigError(f"--retrain-best: no trial of {job.search_dir} finished with a "
                           f"{job.metric}, so there is no best configuration to train.")
-    cfg = job.final_config(best["best_params"])
+    # beside its trials in MLflow
+    cfg = with_overrides(job.final_config(best["best_params"]), job.track_overrides)
     cfg.run = cfg.run.model_copy(update={"name": f"{job.name}-best"})
     log.info("retraining the best configuration on the full data as run %s", cfg.run.name)
     return run_training(cfg)
@@ -172,7 +188,7 @@ def run_ablation(config: str | None, overrides: list[str], spec: abl.AblationSpe
     from raypipe.cli import init_ray, load
     from raypipe.data.sources import join_uri
 
-    base = load(config, overrides)
+    base = load(config, overrides, search=True)
     storage = _storage(spec.storage_path, base)
     name = search_name(storage, spec.name, f"ablate-{_stem(config)}", resume)
     out_dir = join_uri(storage, name)
@@ -183,7 +199,9 @@ def run_ablation(config: str | None, overrides: list[str], spec: abl.AblationSpe
     cfgs = drv.check_trial_configs(job, [{"variant": v} for v in variants])
     init_ray()
     if overfit:
-        verdict, _ = overfit_check(overfit_config(config, overrides, spec.overfit, base, out_dir))
+        cfg = with_overrides(overfit_config(config, overrides, spec.overfit, base, out_dir),
+                             job.track_overrides)
+        verdict, _ = overfit_check(cfg)
         out["overfit"] = {"passed": verdict.passed, "falling": verdict.falling,
                           "final_loss": verdict.final_loss, "threshold": verdict.threshold,
                           "losses": verdict.losses, "diagnosis": verdict.diagnosis}
