@@ -26,7 +26,7 @@ def classification_metrics(
     """Metrics from integer ``labels`` (N,) and class probabilities ``probs`` (N, K).
 
     Binary: ``auc`` is ROC AUC of the positive (second) class; precision/recall/F1 at
-    ``threshold``. More classes: ``auc`` is the one-vs-rest macro AUC, plus ``auc_<class>`` each;
+    ``threshold``; ``youden_threshold`` the score threshold of the largest Youden index. More classes: ``auc`` is the one-vs-rest macro AUC, plus ``auc_<class>`` each;
     precision/recall/F1 are macro averages of the arg-max prediction.
     """
     labels = np.asarray(labels, np.int64)
@@ -41,6 +41,8 @@ def classification_metrics(
             out["pr_auc"] = average_precision(labels == 1, probs[:, 1])
         else:
             out["auc"] = out["pr_auc"] = math.nan
+        # the operating point chosen on this set: what a test set is later scored at
+        out["youden_threshold"] = youden_threshold(labels == 1, probs[:, 1])
         avg = "binary"
     else:
         pred = probs.argmax(axis=1)
@@ -213,6 +215,25 @@ def checkpoint_metric_problem(metric: str, class_names: list[str], multilabel: b
         return (f"checkpoint.metric={metric}: '{finding}' is not one of the run's findings "
                 f"({', '.join(class_names)}). Use val_auc/<one of them> or val_auc (macro).")
     return None
+
+
+def bootstrap_auc_interval(positive: np.ndarray, scores: np.ndarray, *, resamples: int = 2000,
+                           level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC: ``resamples`` draws of the files with
+    replacement (seeded), each keeping both classes; NaN without both classes."""
+    positive = np.asarray(positive, bool)
+    scores = np.asarray(scores, np.float64)
+    if positive.all() or not positive.any():
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    n, aucs = len(positive), []
+    while len(aucs) < resamples:
+        idx = rng.integers(0, n, n)
+        y = positive[idx]
+        if y.any() and not y.all():
+            aucs.append(roc_auc(y, scores[idx]))
+    lo, hi = np.quantile(aucs, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
 
 
 def youden_threshold(positive: np.ndarray, scores: np.ndarray) -> float:
