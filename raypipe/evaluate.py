@@ -56,6 +56,11 @@ def resolve_checkpoint(uri: str) -> str:
     """The checkpoint directory named by ``uri``: a ``checkpoint_epochNNNN`` folder, or a run
     directory (its ``summary.json``'s best checkpoint)."""
     fs, path = get_filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise EvaluationError(
+            f"checkpoint '{uri}' does not exist. Pass a checkpoint folder "
+            "(<run dir>/checkpoint_epochNNNN) or a run directory (its best checkpoint is used)."
+        )
     if _is_checkpoint(fs, path):
         return uri
     summary = posixpath.join(path, "summary.json")
@@ -97,12 +102,36 @@ def load_checkpoint(uri: str) -> tuple[dict, dict]:
     return meta, state["model"]
 
 
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def score_activation(meta: dict) -> str:
+    """How a checkpoint's logits become its per-class scores: ``softmax`` for single-label
+    classifiers (every checkpoint training writes today); a multi-label checkpoint (independent
+    per-finding scores) says ``sigmoid`` in its meta's ``activation``. Every scoring path (batch
+    evaluation, :mod:`raypipe.inference`, the exported model) asks here."""
+    activation = meta.get("activation", "softmax")
+    if activation not in ACTIVATIONS:
+        raise EvaluationError(
+            f"checkpoint '{meta.get('checkpoint', '?')}': meta activation {activation!r} is not one "
+            f"of {list(ACTIVATIONS)}. It was written by another version of raypipe.")
+    return activation
+
+
+def scores_from_logits(logits, activation: str = "softmax"):
+    """(N, K) logits tensor -> (N, K) float32 scores with ``activation``."""
+    import torch
+
+    logits = logits.float()
+    return torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
+
+
 class Predictor:
     """``map_batches`` callable holding the model: {image, label, path, key} -> {path, key, label,
     probs (N, K) float32}."""
 
     def __init__(self, model_spec: dict, state: dict, use_gpu: bool = False, amp: str = "none",
-                 threads: int = 1, tta: str = "none"):
+                 threads: int = 1, tta: str = "none", activation: str = "softmax"):
         import torch
 
         from raypipe.models.resnet import create_model
@@ -115,6 +144,7 @@ class Predictor:
         self.model.to(self.device).eval()
         self.amp = amp
         self.tta = tta
+        self.activation = activation
         self.num_classes = int(model_spec["num_classes"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -126,7 +156,8 @@ class Predictor:
         probs = np.zeros((0, self.num_classes), np.float32)
         if len(x):
             with torch.no_grad(), autocast_context(self.device, self.amp):
-                probs = torch.softmax(forward_eval(self.model, x, self.tta).float(), dim=1).cpu().numpy()
+                logits = forward_eval(self.model, x, self.tta)
+                probs = scores_from_logits(logits, self.activation).cpu().numpy()
         return {"path": batch["path"], "key": batch["key"], "label": batch["label"],
                 "probs": probs.astype(np.float32)}
 
@@ -209,7 +240,7 @@ def predict(meta: dict, state: dict, data: EvalData, use_gpu: bool | None = None
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     kwargs = {"model_spec": meta["model"], "state": state, "use_gpu": use_gpu,
               "amp": cfg.train.amp, "threads": max(1, int(cfg.train.cpus_per_worker)),
-              "tta": cfg.augment.tta}
+              "tta": cfg.augment.tta, "activation": score_activation(meta)}
     ds, ledger = build_inference_dataset(cfg, data.records, data.filesystem, Predictor, kwargs,
                                          use_gpu=use_gpu)
     try:
