@@ -354,10 +354,27 @@ def upload_dir(local: str, uri: str) -> None:
         raise EvaluationError(f"cannot write results to '{uri}': {exc}. Check --out.") from exc
 
 
+def require_saliency() -> None:
+    """Fail before any work when Grad-CAM's package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("captum") is None:
+        raise EvaluationError(
+            "--saliency needs captum (Grad-CAM), which is not installed. Install the explain extra: "
+            "pip install 'raypipe[explain]', or leave --saliency out.")
+
+
 def evaluate(checkpoint: str, data: str | None = None, out: str | None = None,
-             use_gpu: bool | None = None) -> dict:
+             use_gpu: bool | None = None, saliency: int = 0) -> dict:
     """Evaluate ``checkpoint`` on ``data`` (default: its validation split) and write predictions
-    (Parquet, CSV), ``metrics.json`` and pictures to ``out``. Returns the metrics summary."""
+    (Parquet, CSV), ``metrics.json`` and pictures to ``out``. Returns the metrics summary.
+
+    ``saliency``: also write Grad-CAM grids of the ``saliency`` most confident true positives,
+    false positives and false negatives (:mod:`raypipe.report.saliency`; labelled images only)."""
+    if saliency < 0:
+        raise EvaluationError(f"--saliency {saliency}: give a number of images per group, 0 for none.")
+    if saliency:
+        require_saliency()
     meta, state = load_checkpoint(checkpoint)
     checkpoint = meta["checkpoint"]
     cfg = Config.model_validate(meta["config"])
@@ -383,6 +400,13 @@ def evaluate(checkpoint: str, data: str | None = None, out: str | None = None,
             summary["metrics"] = compute_metrics(labels, probs, class_names, threshold)
             summary["files"] += write_pictures(labels, probs, class_names,
                                                summary["metrics"]["confusion"], threshold, tmp)
+            if saliency:
+                from raypipe.report.saliency import write_saliency
+
+                rows = {k: pred[k][labeled] for k in ("path", "key", "label", "probs")}
+                summary["saliency"] = write_saliency(meta, state, source.filesystem, rows, threshold,
+                                                     saliency, tmp)
+                summary["files"] += list(summary["saliency"])
         summary["files"].append("metrics.json")
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=1, default=float)
