@@ -129,7 +129,7 @@ def describe_steps(spec: dict) -> tuple[list[str], list[str]]:
               "(x_in = (x_out + 0.5) / scale - 0.5, clamped at the border), after a box filter by "
               "the integer factor when shrinking 2x or more"
               + (", the uncovered border left 0" if mode == "pad" else "")
-              + " (preprocess.resize_weights gives it as two matrices)")
+              + " (preprocess.py: resize; resize_weights gives the same map as two matrices)")
     model: list[str] = []
     if where["resize_in_model"]:
         caller.append(f"the decoded image must be {inp['shape'][1]}x{inp['shape'][2]} (height x "

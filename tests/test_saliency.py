@@ -52,18 +52,29 @@ def squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     return torch.from_numpy(x), torch.from_numpy(labels), corners
 
 
+def train_square_net(seed: int = 0) -> SquareNet:
+    """Trained on one thread: the net is too small to gain from more, and on a busy 2-core machine
+    the default two threads took 142 s where one took 18 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = SquareNet()
+        x, y, _ = squares(256, seed=seed)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(100):
+            i = torch.randint(0, len(x), (32,))
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
 def test_gradcam_peak_lies_in_the_square():
-    torch.manual_seed(0)
-    model = SquareNet()
-    x, y, _ = squares(256, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(100):
-        i = torch.randint(0, len(x), (32,))
-        loss = nn.functional.cross_entropy(model(x[i]), y[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = train_square_net()
     xt, yt, corners = squares(40, seed=1)
     with torch.no_grad():
         accuracy = (model(xt).argmax(dim=1) == yt).float().mean().item()
