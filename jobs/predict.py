@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped = table.attrs.get("skipped", [])
     for name, reason in skipped[:10]:
         print(f"skipped {name}: {reason}")
-    print(f"scored {len(table)} images" + (f", {len(skipped)} skipped" if skipped else "")
+    print(f"scored {len(table)} image{'' if len(table) == 1 else 's'}"
+          + (f", {len(skipped)} skipped" if skipped else "")
           + (f": {args.out}" if args.out else ""))
     return 0
 

@@ -376,13 +376,18 @@ def main(argv: list[str]) -> int:
     spec = load_spec(folder)
     session = ort.InferenceSession(os.path.join(folder, spec["model_file"]),
                                    providers=["CPUExecutionProvider"])
-    names = spec["class_names"]
+    names, failed = spec["class_names"], 0
     for path in argv:
-        with open(path, "rb") as f:
-            x = prepare(decode(f.read(), spec), spec)[None]
+        try:
+            with open(path, "rb") as f:
+                x = prepare(decode(f.read(), spec), spec)[None]
+        except (OSError, ValueError) as exc:  # this file is unusable; the others still count
+            print(f"{path}: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         _, scores = session.run(None, {spec["input"]["name"]: x})
         print(path, " ".join(f"{n}={s:.4f}" for n, s in zip(names, scores[0], strict=True)))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_predict_job_one_image(checkpoint, tmp_path):
     proc = run_job("predict.py", "--checkpoint", str(checkpoint), "--source", str(image), "--out", str(out),
                    timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"scored 1 images: {out}" in proc.stdout
+    assert f"scored 1 image: {out}" in proc.stdout
     np.testing.assert_allclose(pd.read_csv(out)[["score_cats", "score_dogs"]].to_numpy()[0],
                                expected_scores(checkpoint, image), atol=1e-6)
     proc = run_job("predict.py", "--checkpoint", str(checkpoint), "--source", str(image), "--out",
