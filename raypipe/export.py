@@ -164,7 +164,11 @@ def describe_steps(spec: dict) -> tuple[list[str], list[str]]:
         caller.append(f"the model divides by {inp['value_max']:g}: multiply images of another format "
                       f"maximum (65535 for 16-bit, 1.0 for float files) by {inp['value_max']:g} / theirs")
     if inp["shape"][3] == 3:
-        caller.append("a gray image (H, W) for this 3-channel input: repeat it on 3 channels")
+        caller.append("a gray image (H, W) for this 3-channel input: repeat it on 3 channels"
+                      + (" (not exact here: the model's percentiles are then taken over the repeated "
+                         "values, training's over the one channel; the check measures it only if the "
+                         "validation split has gray files)"
+                         if pre["normalize"] == "percentile" and where["normalize_in_model"] else ""))
     if inp["shape"][3] == 1 and pre["channels"] == 3:
         model.append("repeat the channel 3 times")
     if pre["mean"] is not None and pre["std"] is not None:
