@@ -1,5 +1,5 @@
-"""``python jobs/preview.py ...``: the ``raypipe-preview`` command (:mod:`raypipe.jobs.preview`), kept as a
-script so that ``ray job submit -- python jobs/preview.py`` runs from a checkout."""
+"""``python jobs/preview.py ...``: the ``raypipe-preview`` command (:mod:`raypipe.jobs.preview`),
+kept as a script so that ``ray job submit -- python jobs/preview.py`` runs from a checkout."""
 
 from raypipe.jobs.preview import run
 

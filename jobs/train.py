@@ -1,5 +1,5 @@
-"""``python jobs/train.py ...``: the ``raypipe-train`` command (:mod:`raypipe.jobs.train`), kept as a
-script so that ``ray job submit -- python jobs/train.py`` runs from a checkout."""
+"""``python jobs/train.py ...``: the ``raypipe-train`` command (:mod:`raypipe.jobs.train`),
+kept as a script so that ``ray job submit -- python jobs/train.py`` runs from a checkout."""
 
 from raypipe.jobs.train import run
 

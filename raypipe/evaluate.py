@@ -50,6 +50,10 @@ def resolve_checkpoint(uri: str) -> str:
     directory (its best complete checkpoint by the run's own metric)."""
     fs, path = get_filesystem(uri)
     try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise EvaluationError(
+                f"checkpoint '{uri}' does not exist. Pass a checkpoint folder "
+                "(<run dir>/checkpoint_epochNNNN) or a run directory (its best checkpoint is used).")
         is_folder = fs.get_file_info(posixpath.join(path, ckpts.META_FILE)).type == pafs.FileType.File
         summary_file = posixpath.join(path, "summary.json")
         has_summary = fs.get_file_info(summary_file).type == pafs.FileType.File
@@ -96,12 +100,36 @@ def load_checkpoint(uri: str) -> tuple[dict, dict]:
     return meta, state["model"]
 
 
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def score_activation(meta: dict) -> str:
+    """How a checkpoint's logits become its per-class scores: ``softmax`` for single-label
+    classifiers (every checkpoint training writes today); a multi-label checkpoint (independent
+    per-finding scores) says ``sigmoid`` in its meta's ``activation``. Every scoring path (batch
+    evaluation, :mod:`raypipe.inference`, the exported model) asks here."""
+    activation = meta.get("activation", "softmax")
+    if activation not in ACTIVATIONS:
+        raise EvaluationError(
+            f"checkpoint '{meta.get('checkpoint', '?')}': meta activation {activation!r} is not one "
+            f"of {list(ACTIVATIONS)}. It was written by another version of raypipe.")
+    return activation
+
+
+def scores_from_logits(logits, activation: str = "softmax"):
+    """(N, K) logits tensor -> (N, K) float32 scores with ``activation``."""
+    import torch
+
+    logits = logits.float()
+    return torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
+
+
 class Predictor:
     """``map_batches`` callable holding the model: {image, label, path, key} -> {path, key, label,
     probs (N, K) float32}."""
 
     def __init__(self, model_spec: dict, state: dict, use_gpu: bool = False, amp: str = "none",
-                 threads: int = 1, tta: str = "none"):
+                 threads: int = 1, tta: str = "none", activation: str = "softmax"):
         import torch
 
         from raypipe.models.resnet import create_model
@@ -114,6 +142,7 @@ class Predictor:
         self.model.to(self.device).eval()
         self.amp = amp
         self.tta = tta
+        self.activation = activation
         self.num_classes = int(model_spec["num_classes"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -125,7 +154,8 @@ class Predictor:
         probs = np.zeros((0, self.num_classes), np.float32)
         if len(x):
             with torch.no_grad(), autocast_context(self.device, self.amp):
-                probs = torch.softmax(forward_eval(self.model, x, self.tta).float(), dim=1).cpu().numpy()
+                logits = forward_eval(self.model, x, self.tta)
+                probs = scores_from_logits(logits, self.activation).cpu().numpy()
         return {"path": batch["path"], "key": batch["key"], "label": batch["label"],
                 "probs": probs.astype(np.float32)}
 
@@ -208,7 +238,7 @@ def predict(meta: dict, state: dict, data: EvalData, use_gpu: bool | None = None
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     kwargs = {"model_spec": meta["model"], "state": state, "use_gpu": use_gpu,
               "amp": cfg.train.amp, "threads": max(1, int(cfg.train.cpus_per_worker)),
-              "tta": cfg.augment.tta}
+              "tta": cfg.augment.tta, "activation": score_activation(meta)}
     ds, ledger = build_inference_dataset(cfg, data.records, data.filesystem, Predictor, kwargs,
                                          use_gpu=use_gpu)
     try:
@@ -322,10 +352,27 @@ def upload_dir(local: str, uri: str) -> None:
         raise EvaluationError(f"cannot write results to '{uri}': {exc}. Check --out.") from exc
 
 
+def require_saliency() -> None:
+    """Fail before any work when Grad-CAM's package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("captum") is None:
+        raise EvaluationError(
+            "--saliency needs captum (Grad-CAM), which is not installed. Install the explain extra: "
+            "pip install 'raypipe[explain]', or leave --saliency out.")
+
+
 def evaluate(checkpoint: str, data: str | None = None, out: str | None = None,
-             use_gpu: bool | None = None) -> dict:
+             use_gpu: bool | None = None, saliency: int = 0) -> dict:
     """Evaluate ``checkpoint`` on ``data`` (default: its validation split) and write predictions
-    (Parquet, CSV), ``metrics.json`` and pictures to ``out``. Returns the metrics summary."""
+    (Parquet, CSV), ``metrics.json`` and pictures to ``out``. Returns the metrics summary.
+
+    ``saliency``: also write Grad-CAM grids of the ``saliency`` most confident true positives,
+    false positives and false negatives (:mod:`raypipe.report.saliency`; labelled images only)."""
+    if saliency < 0:
+        raise EvaluationError(f"--saliency {saliency}: give a number of images per group, 0 for none.")
+    if saliency:
+        require_saliency()
     meta, state = load_checkpoint(checkpoint)
     checkpoint = meta["checkpoint"]
     cfg = Config.model_validate(meta["config"])
@@ -351,6 +398,13 @@ def evaluate(checkpoint: str, data: str | None = None, out: str | None = None,
             summary["metrics"] = compute_metrics(labels, probs, class_names, threshold)
             summary["files"] += write_pictures(labels, probs, class_names,
                                                summary["metrics"]["confusion"], threshold, tmp)
+            if saliency:
+                from raypipe.report.saliency import write_saliency
+
+                rows = {k: pred[k][labeled] for k in ("path", "key", "label", "probs")}
+                summary["saliency"] = write_saliency(meta, state, source.filesystem, rows, threshold,
+                                                     saliency, tmp)
+                summary["files"] += list(summary["saliency"])
         summary["files"].append("metrics.json")
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=1, default=float)

@@ -1,8 +1,10 @@
-"""Evaluate a checkpoint: ``python jobs/evaluate.py --checkpoint PATH [--data PATH_OR_URI] [--out DIR]``.
+"""Evaluate a checkpoint: ``python jobs/evaluate.py --checkpoint PATH [--data PATH_OR_URI] [--out DIR]
+[--saliency N]``.
 
 Without ``--data`` it evaluates the validation split of the dataset the checkpoint was trained on.
 Writes predictions (Parquet and CSV), ``metrics.json``, and ROC / precision-recall / confusion-matrix
-pictures to ``--out`` (default ``<run dir>/eval-<checkpoint>[-<data>]``).
+pictures to ``--out`` (default ``<run dir>/eval-<checkpoint>[-<data>]``); with ``--saliency N``,
+Grad-CAM grids of the N most confident true positives, false positives and false negatives.
 """
 
 from __future__ import annotations
@@ -21,18 +23,26 @@ def main(argv: list[str] | None = None) -> int:
                          "CSV manifest, local or s3:// / gs://; default: the checkpoint's validation split")
     ap.add_argument("--out", default=None, help="output folder or URI")
     ap.add_argument("--cpu", action="store_true", help="do not use a GPU even when the cluster has one")
+    ap.add_argument("--saliency", type=int, default=0, metavar="N",
+                    help="Grad-CAM grids of the N most confident true positives, false positives and "
+                         "false negatives (per class; labelled images; needs raypipe[explain])")
     args = ap.parse_args(argv)
     setup_logging()
 
     from raypipe.evaluate import evaluate
 
     init_ray()
-    summary = evaluate(args.checkpoint, args.data, args.out, use_gpu=False if args.cpu else None)
+    summary = evaluate(args.checkpoint, args.data, args.out, use_gpu=False if args.cpu else None,
+                       saliency=args.saliency)
     settle()  # the results below are the last lines
     print(f"evaluated {summary['images']} images ({summary['labeled']} labeled) from {summary['data']}")
     m = summary.get("metrics")
     if m:
         print("  ".join(f"{k}={m[k]:.4f}" for k in ("auc", "pr_auc", "acc", "balanced_acc", "f1", "loss")))
+    if summary.get("saliency"):
+        print("saliency: " + ", ".join(f"{name} ({k} images)" for name, k in summary["saliency"].items()))
+    elif args.saliency:
+        print("saliency: no labelled images to explain")
     if summary["skipped"]:
         print(f"{len(summary['skipped'])} files skipped (listed in metrics.json)")
     print(f"results: {summary['out']} ({', '.join(summary['files'])})")

@@ -26,7 +26,8 @@ def classification_metrics(
     """Metrics from integer ``labels`` (N,) and class probabilities ``probs`` (N, K).
 
     Binary: ``auc`` is ROC AUC of the positive (second) class; precision/recall/F1 at
-    ``threshold``; ``youden_threshold`` the score threshold of the largest Youden index. More classes: ``auc`` is the one-vs-rest macro AUC, plus ``auc_<class>`` each;
+    ``threshold``; ``youden_threshold`` the score threshold of the largest Youden index. More
+    classes: ``auc`` is the one-vs-rest macro AUC, plus ``auc_<class>`` each;
     precision/recall/F1 are macro averages of the arg-max prediction.
     """
     labels = np.asarray(labels, np.int64)
