@@ -105,10 +105,10 @@ ACTIVATIONS = ("softmax", "sigmoid")
 
 def score_activation(meta: dict) -> str:
     """How a checkpoint's logits become its per-class scores: ``softmax`` for single-label
-    classifiers (every checkpoint training writes today); a multi-label checkpoint (independent
-    per-finding scores) says ``sigmoid`` in its meta's ``activation``. Every scoring path (batch
-    evaluation, :mod:`raypipe.inference`, the exported model) asks here."""
-    activation = meta.get("activation", "softmax")
+    classifiers, ``sigmoid`` (independent per-finding scores) for a multi-label one (its meta's
+    ``task``, or an explicit ``activation``). Every scoring path (batch evaluation,
+    :mod:`raypipe.inference`, the exported model) asks here."""
+    activation = meta.get("activation") or ("sigmoid" if meta.get("task") == "multilabel" else "softmax")
     if activation not in ACTIVATIONS:
         raise EvaluationError(
             f"checkpoint '{meta.get('checkpoint', '?')}': meta activation {activation!r} is not one "
@@ -171,12 +171,23 @@ class EvalData:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def list_eval_data(uri: str, class_names: list[str], cfg: Config) -> EvalData:
+def list_eval_data(uri: str, class_names: list[str], cfg: Config, multilabel: bool = False) -> EvalData:
     """Images under ``uri``: a folder (``<class>/`` sub-folders give labels, other images get
-    label -1) or a CSV manifest (labels must be among ``class_names``)."""
+    label -1) or a CSV manifest (labels must be among ``class_names``; multi-label: findings
+    scored against the model's ``class_names``, files without labels get -1 for each)."""
     fs, root = get_filesystem(uri)
     info = fs.get_file_info(root)
-    data_cfg = cfg.data.model_copy(update={"class_names": None, "limit": None})
+    data_cfg = cfg.data.model_copy(update={"class_names": None, "limit": None, "where": []})
+    if multilabel:
+        if info.type == pafs.FileType.File and root.lower().endswith(".csv"):
+            fs, _, records, skipped = list_manifest(uri, data_cfg.model_copy(update={
+                "findings": None, "task": "multilabel"}), findings=class_names)
+            return EvalData(fs, records, uri, skipped)
+        unlabeled = tuple([-1] * len(class_names))
+        found = list_eval_data(uri, [], cfg)
+        for r in found.records:
+            r.label = unlabeled
+        return found
     if info.type == pafs.FileType.File and root.lower().endswith(".csv"):
         fs, names, records, skipped = list_manifest(uri, data_cfg)
         index = {n: class_names.index(n) for n in names if n in class_names}
@@ -285,30 +296,52 @@ def predicted_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
     return probs.argmax(axis=1)
 
 
-def predictions_table(pred: dict, class_names: list[str], threshold: float):
-    """DataFrame: path, key, true_label ('' when unknown), score_<class>..., predicted_label."""
+def predictions_table(pred: dict, class_names: list[str], threshold: float, multilabel: bool = False):
+    """DataFrame: path, key, true_label ('' when unknown), score_<class>..., predicted_label.
+    Multi-label: per finding ``score_<f>``, ``true_<f>`` (0/1, -1 when unknown) and
+    ``predicted_<f>`` (score >= threshold)."""
     import pandas as pd
 
     labels = pred["label"]
-    table = pd.DataFrame({
-        "path": pred["path"].astype(str),
-        "key": pred["key"].astype(str),
-        "true_label": [class_names[i] if i >= 0 else "" for i in labels],
-    })
+    table = pd.DataFrame({"path": pred["path"].astype(str), "key": pred["key"].astype(str)})
+    if multilabel:
+        for i, name in enumerate(class_names):
+            table[f"score_{name}"] = pred["probs"][:, i].astype(np.float64)
+            table[f"true_{name}"] = np.asarray(labels)[:, i].astype(np.int64)
+            table[f"predicted_{name}"] = (pred["probs"][:, i] >= threshold).astype(np.int64)
+        return table
+    table["true_label"] = [class_names[i] if i >= 0 else "" for i in labels]
     for i, name in enumerate(class_names):
         table[f"score_{name}"] = pred["probs"][:, i].astype(np.float64)
     table["predicted_label"] = [class_names[i] for i in predicted_labels(pred["probs"], threshold)]
     return table
 
 
+def labeled_rows(labels: np.ndarray) -> np.ndarray:
+    """Which rows have a known label (multi-label: every finding known)."""
+    labels = np.asarray(labels)
+    return (labels >= 0).all(axis=1) if labels.ndim == 2 else labels >= 0
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str],
-                    threshold: float) -> dict:
-    """The training metric set (:func:`classification_metrics`) plus cross-entropy loss and, for
-    binary tasks, the chosen and Youden operating points."""
+                    threshold: float, multilabel: bool = False) -> dict:
+    """The training metric set plus the loss of the written scores and the operating points:
+    binary, the chosen and the Youden point and a 95 % bootstrap interval of the AUC;
+    multi-label, a per-finding table (AUC, AP, prevalence, sensitivity and specificity at the
+    chosen and at the Youden threshold)."""
     from sklearn import metrics as skm
 
     from raypipe.report.plots import operating_point, youden_point
+    from raypipe.training.metrics import bootstrap_auc_interval, finding_table, multilabel_metrics
 
+    if multilabel:
+        m = multilabel_metrics(labels, probs, class_names, threshold)
+        clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+        m["loss"] = float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))) \
+            if len(labels) else math.nan
+        m["threshold"] = threshold
+        m["findings"] = finding_table(labels, probs, class_names, threshold)
+        return m
     m = classification_metrics(labels, probs, class_names, threshold)
     # cross-entropy of the written scores (scikit-learn's clipping of saturated probabilities)
     m["loss"] = float(skm.log_loss(labels, probs, labels=list(range(probs.shape[1])))) if len(
@@ -317,13 +350,19 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str
     if probs.shape[1] == 2 and len(np.unique(labels)) == 2:
         m["chosen_point"] = operating_point(labels, probs[:, 1], threshold)
         m["youden_point"] = youden_point(labels, probs[:, 1])
+        m["auc_ci95"] = list(bootstrap_auc_interval(labels == 1, probs[:, 1]))
     return m
 
 
-def write_pictures(labels, probs, class_names, confusion, threshold: float, out: str) -> list[str]:
-    """ROC, PR and confusion-matrix PNGs in ``out`` (a local folder); their file names."""
+def write_pictures(labels, probs, class_names, confusion, threshold: float, out: str,
+                   multilabel: bool = False) -> list[str]:
+    """ROC, PR and confusion-matrix PNGs in ``out`` (a local folder); their file names.
+    Multi-label: the ROC curves of every finding in one figure."""
     from raypipe.report import plots
 
+    if multilabel:
+        plots.roc_findings_png(labels, probs, class_names, os.path.join(out, "roc.png"))
+        return ["roc.png"]
     names = []
     if len(np.unique(labels)) >= 2:
         plots.roc_png(labels, probs, class_names, os.path.join(out, "roc.png"), threshold)
@@ -362,10 +401,34 @@ def require_saliency() -> None:
             "pip install 'raypipe[explain]', or leave --saliency out.")
 
 
+def decision_threshold(meta: dict, cfg: Config, threshold: str | float | None) -> tuple[float, str]:
+    """(threshold, where it comes from): ``None`` or ``config``, ``train.threshold``; ``validation``,
+    the Youden threshold on the validation set at the checkpoint's epoch (binary); or a number."""
+    if threshold is None or threshold == "config":
+        return float(cfg.train.threshold), "train.threshold"
+    if threshold == "validation":
+        value = (meta.get("metrics") or {}).get("val_youden_threshold")
+        if not isinstance(value, int | float) or math.isnan(value):
+            raise EvaluationError(
+                f"checkpoint '{meta['checkpoint']}' records no validation threshold (binary tasks "
+                "only, checkpoints written by this version). Use --threshold config or a number.")
+        return float(value), "the validation set's Youden threshold"
+    try:
+        value = float(threshold)
+    except ValueError:
+        raise EvaluationError(f"--threshold {threshold!r}: give config, validation or a number "
+                              "between 0 and 1.") from None
+    if not 0.0 <= value <= 1.0:
+        raise EvaluationError(f"--threshold {value}: a score threshold is between 0 and 1.")
+    return value, "--threshold"
+
+
 def evaluate(checkpoint: str, data: str | None = None, out: str | None = None,
-             use_gpu: bool | None = None, saliency: int = 0) -> dict:
+             use_gpu: bool | None = None, saliency: int = 0,
+             threshold: str | float | None = None) -> dict:
     """Evaluate ``checkpoint`` on ``data`` (default: its validation split) and write predictions
     (Parquet, CSV), ``metrics.json`` and pictures to ``out``. Returns the metrics summary.
+    ``threshold``: the decision threshold (:func:`decision_threshold`).
 
     ``saliency``: also write Grad-CAM grids of the ``saliency`` most confident true positives,
     false positives and false negatives (:mod:`raypipe.report.saliency`; labelled images only)."""
@@ -377,27 +440,33 @@ def evaluate(checkpoint: str, data: str | None = None, out: str | None = None,
     checkpoint = meta["checkpoint"]
     cfg = Config.model_validate(meta["config"])
     class_names = list(meta["class_names"])
-    threshold = float(cfg.train.threshold)
-    source = list_eval_data(data, class_names, cfg) if data else validation_data(cfg)
+    multilabel = meta.get("task") == "multilabel"
+    threshold, threshold_from = decision_threshold(meta, cfg, threshold)
+    if saliency and multilabel:
+        raise EvaluationError("--saliency is for single-label checkpoints; this one is multi-label.")
+    source = list_eval_data(data, class_names, cfg, multilabel) if data else validation_data(cfg)
     log.info("evaluating %s on %d images from %s", checkpoint, len(source.records), source.source)
     pred = predict(meta, state, source, use_gpu)
     out = out or default_out_dir(checkpoint, data)
-    labeled = pred["label"] >= 0
+    labeled = labeled_rows(pred["label"])
     summary: dict = {
         "checkpoint": checkpoint, "data": source.source, "images": int(len(pred["label"])),
         "labeled": int(labeled.sum()), "class_names": class_names,
+        "task": meta.get("task") or "binary", "threshold": threshold,
+        "threshold_from": threshold_from,
         "skipped": [{"file": k, "reason": r} for k, r in source.skipped + pred["bad"]],
         "files": ["predictions.parquet", "predictions.csv"], "out": out,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        table = predictions_table(pred, class_names, threshold)
+        table = predictions_table(pred, class_names, threshold, multilabel)
         table.to_parquet(os.path.join(tmp, "predictions.parquet"), index=False)
         table.to_csv(os.path.join(tmp, "predictions.csv"), index=False)
         if labeled.any():
             labels, probs = pred["label"][labeled], pred["probs"][labeled].astype(np.float64)
-            summary["metrics"] = compute_metrics(labels, probs, class_names, threshold)
+            summary["metrics"] = compute_metrics(labels, probs, class_names, threshold, multilabel)
             summary["files"] += write_pictures(labels, probs, class_names,
-                                               summary["metrics"]["confusion"], threshold, tmp)
+                                               summary["metrics"]["confusion"], threshold, tmp,
+                                               multilabel)
             if saliency:
                 from raypipe.report.saliency import write_saliency
 

@@ -67,6 +67,22 @@ def test_job_evaluates_the_validation_split(run, ray_cluster, tmp_path):
     for name in ("roc.png", "pr.png", "confusion.png"):
         assert_png(out / name)
     assert "results:" in proc.stdout
+    lo, hi = m["auc_ci95"]
+    assert lo <= m["auc"] <= hi and "bootstrap interval" in proc.stdout
+
+
+def test_the_threshold_chosen_on_validation_scores_other_images(run, tmp_path):
+    """Score a test set at the operating point chosen on validation: the checkpoint records the
+    validation set's Youden threshold, and ``--threshold validation`` uses it."""
+    _, summary = run
+    recorded = summary["best_metrics"]["val_youden_threshold"]
+    assert 0.0 <= recorded <= 1.0
+    res = evaluate(summary["best_checkpoint"], out=str(tmp_path / "v"), threshold="validation")
+    assert res["threshold"] == pytest.approx(recorded) and "Youden" in res["threshold_from"]
+    table = pd.read_parquet(tmp_path / "v" / "predictions.parquet")
+    assert ((table["score_not_face"] >= recorded) == (table["predicted_label"] == "not_face")).all()
+    with pytest.raises(EvaluationError, match="between 0 and 1"):
+        evaluate(summary["best_checkpoint"], out=str(tmp_path / "w"), threshold="1.5")
 
 
 def test_labeled_and_unlabeled_folders(run, tmp_path, cache_dir):
@@ -102,5 +118,5 @@ def test_labeled_and_unlabeled_folders(run, tmp_path, cache_dir):
 
 
 def test_bad_checkpoint_path_says_what_to_pass(tmp_path):
-    with pytest.raises(EvaluationError, match="neither a checkpoint folder"):
+    with pytest.raises(EvaluationError, match="neither a complete checkpoint folder"):
         evaluate(str(tmp_path))

@@ -61,3 +61,19 @@ def test_a_multilabel_run_reports_every_findings_auc_and_keeps_patients_apart(ra
     meta = json.loads((Path(summary["best_checkpoint"]) / "meta.json").read_text())
     assert meta["task"] == "multilabel" and meta["class_names"] == FINDINGS
     assert meta["model"]["num_classes"] == 3
+
+    # the evaluate job on the multi-label checkpoint: a table per finding, one ROC figure, a
+    # score, a truth and a decision per finding for each film
+    import pandas as pd
+
+    from raypipe.evaluate import evaluate
+
+    res = evaluate(summary["run_dir"], data=str(data / "Data_Entry.csv"), out=str(tmp_path / "eval"))
+    assert res["task"] == "multilabel" and res["images"] == 60 and res["labeled"] == 60
+    rows = {r["finding"]: r for r in res["metrics"]["findings"]}
+    assert set(rows) == set(FINDINGS)
+    for r in rows.values():
+        assert 0 <= r["auc"] <= 1 and 0 < r["prevalence"] < 1 and 0 <= r["youden_sensitivity"] <= 1
+    table = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
+    assert {f"{kind}_{n}" for kind in ("score", "true", "predicted") for n in FINDINGS} <= set(table.columns)
+    assert (tmp_path / "eval" / "roc.png").stat().st_size > 1000

@@ -44,6 +44,28 @@ def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) ->
             "tpr": float((pred & labels).sum() / pos)}
 
 
+def roc_findings_png(targets: np.ndarray, scores: np.ndarray, finding_names: list[str],
+                     path: str | Path) -> str:
+    """Multi-label: the ROC curve of every finding (with both classes present) in one figure, the
+    legend sorted by AUC."""
+    targets = np.asarray(targets).astype(bool)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls="--", label="chance")
+    curves = []
+    for i, name in enumerate(finding_names):
+        yi = targets[:, i]
+        if yi.any() and not yi.all():
+            fpr, tpr, _ = skm.roc_curve(yi, scores[:, i])
+            curves.append((skm.roc_auc_score(yi, scores[:, i]), name, fpr, tpr))
+    for auc, name, fpr, tpr in sorted(curves, key=lambda c: -c[0]):
+        ax.plot(fpr, tpr, lw=1.2, label=f"{name}: AUC = {auc:.3f}")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"ROC curves, {len(curves)} findings", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def roc_png(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path,
             threshold: float = 0.5) -> str:
     """ROC curve(s) with AUC. Binary: the positive (second) class, with the chosen operating point
