@@ -1,22 +1,26 @@
-"""Where the CPU time of a Ray Data stage goes on this node: the data lanes' own work, the time
-they were ready to run but waited for a CPU, and what this driver and Ray's own processes used.
+"""Where the CPU time of a Ray Data stage goes on this node: the data workers' own work, the
+time they were ready to run but waited for a CPU, and what this driver and Ray's own processes
+used.
 
 ``ingest`` reports it next to its images/s, so that a ratio below the target says why: on a
 machine whose cores are all given to the data stage, Ray's driver (its streaming executor and
-batch iterator), raylet, GCS and Ray Data's helper actors take CPU from the lanes, where a
+batch iterator), raylet, GCS and Ray Data's helper actors take CPU from the data tasks, where a
 DataLoader's workers have the cores to themselves.
 
-Processes are this node's only (a multi-node cluster's other nodes are not seen), read from
-``/proc`` through psutil; the wait for a CPU needs Linux's per-thread ``schedstat`` (None
-elsewhere). A sampling thread keeps each process's last reading, so a process that exits inside
-the measured span (an actor pool's workers at the end of an execution) still counts up to its
-last sample, and looks at the titles again: a worker taken for a lane that Ray then gives a
-helper actor (the run's bad-file ledger or epoch clock, created inside the span) counts as Ray's
-own from that sample on.
+Processes are told apart by the titles Ray gives them (``ray::IDLE``, ``ray::MapBatches(...)``,
+``ray::EpochClock``, ...). They are this node's only (a multi-node cluster's other nodes are not
+seen): the descendants of this process when it started Ray, else every process of the node.
+They are read from ``/proc`` through psutil; the wait for a CPU needs Linux's per-thread
+``schedstat`` (None elsewhere). A sampling thread keeps each process's last reading, so a
+process that exits inside the measured span still counts up to its last sample, and looks at the
+titles again: a worker taken for a lane that Ray then gives a helper actor (the run's bad-file
+ledger or epoch clock, created inside the span) counts as Ray's own from that sample on.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import threading
@@ -25,16 +29,26 @@ from pathlib import Path
 
 import psutil
 
-# Ray worker processes that run a data stage's work: task workers (idle or running a task) and
-# actor-pool workers (``MapWorker(...)``); the other ``ray::`` processes are helper actors
-LANE_TITLES = ("ray::IDLE", "ray::MapBatches", "ray::MapWorker", "ray::_MapWorker")
+# Ray worker processes that run the data stage's work: task workers, idle or running one of the
+# stage's tasks (the row ids, the map, the cache's decode pass); the other ``ray::`` processes
+# are helper actors
+LANE_TITLES = ("ray::IDLE", "ray::MapBatches", "ray::ReadRange", "ray::_prepare_part")
 SYSTEM_NAMES = ("raylet", "gcs_server")
-SYSTEM_PATHS = ("/ray/dashboard/", "/ray/_private/", "/ray/autoscaler/")
+SYSTEM_TITLES = ("ray::", "ray-dashboard-")
 # a Ray worker process that has not taken its ``ray::`` title yet: lane or helper actor, unknown
-WORKER_SCRIPT = "/ray/_private/workers/default_worker.py"
+WORKER_SCRIPT = "default_worker.py"
 # an actor's title: its class (CamelCase by convention), alone or with the method it runs. Ray may
 # start an actor in an idle pooled worker (``ray::IDLE``, taken for a lane until then)
 ACTOR_TITLE = re.compile(r"ray::_?[A-Z]\w*(\.\w+)?$")
+
+
+@functools.cache
+def ray_package() -> str:
+    """The folder of the installed ``ray`` package, with a trailing separator: Ray's own Python
+    processes (dashboard, log monitor, autoscaler monitor, workers) run scripts from it."""
+    spec = importlib.util.find_spec("ray")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return os.path.join(locations[0], "") if locations else "\0"  # no ray: matches nothing
 
 
 def role_of(cmdline: list[str], name: str) -> str | None:
@@ -44,10 +58,10 @@ def role_of(cmdline: list[str], name: str) -> str | None:
     title = " ".join(cmdline)
     if title.startswith(LANE_TITLES):
         return "lane"
-    if WORKER_SCRIPT in title:
+    scripts = [a for a in cmdline if a.startswith(ray_package())]
+    if any(a.endswith(WORKER_SCRIPT) for a in scripts):
         return None
-    if title.startswith("ray::") or name in SYSTEM_NAMES or \
-            any(p in title for p in SYSTEM_PATHS):
+    if title.startswith(SYSTEM_TITLES) or name in SYSTEM_NAMES or scripts:
         return "system"
     return None
 
@@ -56,6 +70,13 @@ def became_actor(cmdline: list[str]) -> bool:
     """Whether a process taken for a lane now runs a helper actor (its title names a class)."""
     title = " ".join(cmdline).strip()  # a title Ray sets pads the command line with empty args
     return not title.startswith(LANE_TITLES) and ACTOR_TITLE.match(title) is not None
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except (psutil.Error, OSError):  # gone
+        return ""
 
 
 LINUX_TASKS = Path("/proc/self/task").is_dir()  # a thread's wait for a CPU can be read
@@ -81,10 +102,11 @@ def cpu_wait_s(pid: int) -> float | None:
 class StageCpu:
     """``with StageCpu(cpus):`` accumulates, over one or more spans, the wall time and the CPU
     seconds of this node's processes by role (see :func:`role_of`; ``driver`` is this process).
-    ``cpus``: the CPUs of the data stage. :meth:`summary` gives fractions of those."""
+    ``cpus``: the CPUs of the data stage. :meth:`summary` gives fractions of those.
+    ``descendants``: see :meth:`_candidates`."""
 
-    def __init__(self, cpus: float, interval: float = 0.5):
-        self.cpus, self.interval = cpus, interval
+    def __init__(self, cpus: float, interval: float = 0.5, descendants: bool | None = None):
+        self.cpus, self.interval, self.descendants = cpus, interval, descendants
         self.wall = 0.0
         self.cpu = {"lane": 0.0, "driver": 0.0, "system": 0.0}
         self.lane_wait: float | None = 0.0
@@ -96,7 +118,7 @@ class StageCpu:
         """Classify processes not classified yet (a new one counts from its start). Those not
         Ray's are looked at again each time: a Ray worker process takes its ``ray::`` title only
         after it has started."""
-        for pid in psutil.pids():
+        for pid in self._candidates():
             if pid in self._procs:
                 continue
             try:
@@ -106,6 +128,16 @@ class StageCpu:
                 continue
             if role is not None:
                 self._procs[pid] = (role, p)
+
+    def _candidates(self) -> list[int]:
+        """This process and its descendants (``descendants``; None: when this process started
+        Ray, its raylet being one of them), so that other Ray sessions on a shared machine are
+        not counted as this stage's. Else every process of the node."""
+        family = psutil.Process(os.getpid()).children(recursive=True)
+        mine = self.descendants
+        if mine is None:
+            mine = any(_name(p) == "raylet" for p in family)
+        return [os.getpid(), *(p.pid for p in family)] if mine else psutil.pids()
 
     def _read(self, first: bool = False) -> None:
         for pid, (role, p) in list(self._procs.items()):

@@ -8,18 +8,19 @@ channels-last are CUDA-only switches there), which the tests use at tiny sizes.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from raypipe.benchmarks.cpu import StageCpu
-from raypipe.benchmarks.ingest import (
+from raypipe.benchmarks.common import (
+    TrainingFeed,
     add_data_arguments,
+    at_least,
     bench_config,
     data_root,
     ensure_ray,
     split_of,
-    training_pipeline,
+    stage_workers,
 )
+from raypipe.benchmarks.cpu import StageCpu
 
 
 def _device(name: str):
@@ -84,41 +85,40 @@ def synthetic(args, device) -> dict:
     return {"synthetic_images_per_s": args.steps * args.batch_size / seconds, "synthetic_s": seconds}
 
 
-def with_pipeline(args, device) -> dict:
-    """images/s and data-wait fraction when Ray Data feeds the model (after ``warmup`` batches)."""
-    from raypipe.data.pipeline import release
+def with_pipeline(args: argparse.Namespace, device) -> dict:
+    """images/s and data-wait fraction when Ray Data feeds the model (after ``warmup`` batches),
+    through the training input as a one-worker run consumes it (its first epoch)."""
+    import ray
 
     ensure_ray(args)
     root = data_root(args)
-    cfg = bench_config(args, root)
+    # the loop here runs in the driver: leave it two of the cluster's CPUs
+    cpus = args.cpus if args.cpus is not None else \
+        max(1.0, float(ray.cluster_resources().get("CPU", 1.0)) - 2)
+    cfg = bench_config(args, root, cpus, [f"pipeline.prefetch_batches={args.prefetch}"])
     n = (args.warmup + args.steps) * args.batch_size
-    train, clock, ledger = training_pipeline(cfg, split_of(cfg, n))
-    try:
-        return _fed(args, device, cfg, train, root)
-    finally:
-        release(ledger, clock)
+    with TrainingFeed(cfg, split_of(cfg, n)) as feed:
+        out = _fed(args, device, feed, stage_workers(cpus, args.cpus_per_worker))
+    return {**out, "data": root, "cpus": cpus}
 
 
-def _fed(args, device, cfg, train, root: str) -> dict:
-    """:func:`with_pipeline`'s loop over ``train``."""
-    from raypipe.data.pipeline import torch_batches
+def _fed(args: argparse.Namespace, device, feed: TrainingFeed, workers: int) -> dict:
+    """:func:`with_pipeline`'s loop over ``feed``'s first epoch."""
     from raypipe.training.loop import to_device
 
     model, opt, loss_fn, scaler = _model(args, device)
     wait = busy = 0.0
     images = steps = 0
-    pool = cfg.pipeline.train
-    # where the data stage's CPUs went over the whole loop, start-up included: lanes busy all the
-    # time mean the stage is what the GPU waits for; idle lanes, that it is not
-    with StageCpu(pool.max_actors * pool.cpus_per_actor) as stage:
+    # where the data stage's CPUs went over the whole loop, start-up included: data workers busy
+    # all the time mean the stage is what the GPU waits for; idle ones, that it is not
+    with StageCpu(workers * args.cpus_per_worker) as stage:
         t_prev = time.perf_counter()
-        for i, batch in enumerate(torch_batches(
-                train, batch_size=args.batch_size, prefetch_batches=args.prefetch, drop_last=True)):
+        for i, batch in enumerate(feed.epoch(0, args.batch_size, drop_last=True)):
             t_batch = time.perf_counter()
             x, y = to_device(batch, device, args.channels_last)  # as the training loop does
             _step(model, opt, loss_fn, scaler, x, y, device, args.amp)
             t_end = time.perf_counter()
-            if i >= args.warmup:  # the first batches include actor start-up
+            if i >= args.warmup:  # the first batches include the pipeline's start
                 wait += t_batch - t_prev
                 busy += t_end - t_batch
                 images += len(x)
@@ -126,23 +126,25 @@ def _fed(args, device, cfg, train, root: str) -> dict:
             t_prev = t_end
     total = max(wait + busy, 1e-9)
     return {"pipeline_images_per_s": images / total, "pipeline_data_wait_frac": wait / total,
-            "pipeline_steps": steps, "data": root, "actors": args.actors,
+            "pipeline_steps": steps, "ray_workers": workers,
             "pipeline_ray_cpu": stage.summary()}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_data_arguments(p, image_size=224, batch_size=128, actors=max(1, (os.cpu_count() or 2) - 2))
+    # --cpus: the data stage's CPUs, default the cluster's less two (the loop runs in the driver)
+    add_data_arguments(p, image_size=224, batch_size=128)
     p.add_argument("--model", default="resnet50")
-    p.add_argument("--steps", type=int, default=50, help="timed steps")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--steps", type=at_least(1), default=50, help="timed steps")
+    p.add_argument("--warmup", type=at_least(0), default=5, help="untimed steps first")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    p.add_argument("--prefetch", type=int, default=4, help="batches prefetched from Ray Data")
+    p.add_argument("--prefetch", type=at_least(0), default=4,
+                   help="pipeline.prefetch_batches: batches prefetched from Ray Data")
     p.add_argument("--skip-pipeline", action="store_true", help="synthetic tensors only")
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict:
     import torch
 
     device = _device(args.device)
