@@ -289,3 +289,105 @@ def test_the_training_feed_runs_each_epoch_as_training_does_and_ends_its_actors(
     for actor in actors:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.__ray_ready__.remote(), timeout=60)
+
+
+# ---------------------------------------------------------------- scale
+
+
+def _nih_like_manifest(path, rows: int) -> str:
+    """A manifest in NIH's form: four films per patient, findings joined with '|'."""
+    findings = ["No Finding", "Effusion", "Infiltration", "Effusion|Infiltration", "Atelectasis"]
+    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID"]
+    lines += [f"{i // 4 + 1:08d}_{i % 4:03d}.png,{findings[i % 5]},{i % 4},{i // 4 + 1}"
+              for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_standins_are_the_same_for_a_name_and_differ_between_names(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from raypipe.benchmarks.scale import standin_png, write_standins
+
+    a = standin_png("00000001_000.png")
+    assert a == standin_png("00000001_000.png") != standin_png("00000001_001.png")
+    img = Image.open(io.BytesIO(a))
+    assert (img.format, img.mode, img.size) == ("PNG", "L", (64, 64))
+    assert Image.open(io.BytesIO(standin_png("x.png", 32))).size == (32, 32)
+
+    names = [f"{i:08d}_000.png" for i in range(5)] + ["sub/00000009_000.png"]
+    folder = tmp_path / "standins"
+    folder.mkdir()
+    (folder / names[0]).write_bytes(b"kept")  # a file already there is left as it is
+    r = write_standins(names, str(folder), processes=1)
+    assert (r["written"], r["already_there"]) == (5, 1)
+    assert (folder / names[0]).read_bytes() == b"kept"
+    assert all((folder / n).read_bytes() == standin_png(n) for n in names[1:])
+    assert not [p for p in folder.rglob("*.tmp")]  # nothing half-written left
+    again = write_standins(names, str(folder), processes=2)  # through the process pool
+    assert (again["written"], again["already_there"]) == (0, 6)
+    with pytest.raises(ValueError, match="without '..'"):
+        write_standins(["../escape.png"], str(folder), processes=1)
+
+
+@pytest.mark.slow
+def test_scale_lists_and_streams_every_row_at_each_size(ray_cluster, tmp_path):
+    manifest = _nih_like_manifest(tmp_path / "m.csv", 200)
+    r = _run(tmp_path, "scale", "--manifest", manifest, "--write-standins", str(tmp_path / "s"),
+             "--rows", "100", "200", "--image-size", "16", "--batch-size", "8", "--cpus", "1",
+             "--files-per-batch", "16", "--interval", "0.1", "--standin-processes", "1")
+    assert r["manifest_rows"] == 200 and r["standins"]["written"] == 200
+    ingest = r["ingest"]
+    assert ingest["root_files"] == 200
+    assert [s["rows"] for s in ingest["sizes"]] == [100, 200]
+    for size in ingest["sizes"]:  # every row listed and streamed once, training and validation side
+        assert size["listed"] == size["images"] == size["rows"] and size["all_rows_listed"]
+        _positive(size, "listing_s", "epoch_s", "images_per_s", "peak_mib", "driver_peak_mib")
+        assert size["peak_mib"] == max(size["listing_peak_mib"], size["epoch_peak_mib"])
+    assert ingest["peak_ratio"] == pytest.approx(ingest["sizes"][1]["peak_mib"]
+                                                 / ingest["sizes"][0]["peak_mib"])
+
+
+def test_scale_needs_a_folder_and_says_what_training_needs(tmp_path):
+    from raypipe.benchmarks.scale import multilabel_keys_present
+
+    manifest = _nih_like_manifest(tmp_path / "m.csv", 8)
+    with pytest.raises(SystemExit, match="--write-standins DIR or --root DIR"):
+        _job().main(["scale", "--manifest", manifest, "--json", str(tmp_path / "x.json")])
+    if multilabel_keys_present():
+        return  # the training part runs: test_scale_trains_on_the_multilabel_task
+    with pytest.raises(SystemExit, match="data.task and data.group_column"):
+        _job().main(["scale", "--manifest", manifest, "--root", str(tmp_path), "--train-files", "8",
+                     "--json", str(tmp_path / "x.json")])
+
+
+@pytest.mark.slow
+def test_scale_trains_on_the_multilabel_task(ray_cluster, tmp_path):
+    from raypipe.benchmarks.scale import multilabel_keys_present
+
+    if not multilabel_keys_present():
+        pytest.skip("needs the multilabel task (data.task, data.group_column)")
+    manifest = _nih_like_manifest(tmp_path / "m.csv", 120)
+    r = _run(tmp_path, "scale", "--manifest", manifest, "--write-standins", str(tmp_path / "s"),
+             "--no-ingest", "--train-files", "64", "--image-size", "16", "--batch-size", "8",
+             "--cpus", "1", "--standin-processes", "1", "--set", "train.cpus_per_worker=1")
+    train = r["train"]
+    assert train["status"] == "finished" and train["train_steps"] >= 1
+    assert set(train["val_auc_per_finding"]) <= {"Effusion", "Infiltration", "Atelectasis"}
+    assert train["val_auc_per_finding"]
+
+
+@pytest.mark.slow
+def test_scale_from_s3_lists_past_one_page(tmp_path):
+    """More than 1,000 objects: the listing takes two pages of S3's answer."""
+    pytest.importorskip("moto")
+    manifest = _nih_like_manifest(tmp_path / "m.csv", 1010)
+    r = _run(tmp_path, "scale", "--manifest", manifest, "--s3-objects", "1010", "--s3-rows", "24",
+             "--image-size", "16", "--batch-size", "8", "--num-cpus", "2", "--cpus", "1",
+             "--files-per-batch", "8", "--interval", "0.1")
+    s3 = r["s3"]
+    assert s3["objects"] == s3["root_files"] == 1010
+    assert [s["rows"] for s in s3["sizes"]] == [24]
+    assert s3["sizes"][0]["images"] == 24 and s3["sizes"][0]["all_rows_listed"]

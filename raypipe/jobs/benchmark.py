@@ -1,6 +1,6 @@
 """Benchmarks: ``python jobs/benchmark.py <what> [options] [--json OUT]``.
 
-<what> is one of preprocess, ingest, memory, train, scaling, gpu. Each prints a table and writes
+<what> is one of preprocess, ingest, memory, train, scaling, gpu, scale. Each prints a table and writes
 JSON (default ``benchmark-<what>.json`` in the current directory).
 """
 
