@@ -1,10 +1,11 @@
 """What the benchmarks share: their data (image folders, files cycled to a count), their config,
-the training input fed as a training run feeds it, draining, and session memory."""
+the training input fed as a training run feeds it, draining, and the memory a session uses."""
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import functools
 import math
 import os
@@ -189,8 +190,7 @@ def split_of(cfg: Config, n: int) -> DatasetSplit:
     validation images (so that building the validation set costs next to nothing)."""
     split = discover(cfg.data)
     files = split.train + split.val
-    return DatasetSplit(split.filesystem, split.class_names, cycled(files, n), split.val[:2],
-                        split.source)
+    return dataclasses.replace(split, train=cycled(files, n), val=split.val[:2])
 
 
 # ---------------------------------------------------------------- the training input

@@ -114,25 +114,50 @@ def warm_cluster(workers: int = 0, cpus_per_worker: float = 1.0) -> list[int]:
     DataLoader's side has before its first epoch. A fresh local Ray starts Ray Data's
     cluster-wide helper actors at its first execution, and this process imports Ray Data's
     executor then: one execution of one row does that here. torch is imported here too (both
-    sides hand over torch tensors). Then ``workers`` task worker processes, held together so
-    that each is its own, import the per-image modules, as the DataLoader's fork server has
-    (:func:`loader_context`). Returns their pids."""
+    sides hand over torch tensors). Then ``workers`` task worker processes import the per-image
+    modules, as the DataLoader's fork server has (:func:`loader_context`); each task waits for
+    all the others to have started, so that each runs in a process of its own. Returns their
+    pids."""
     import ray
     import torch  # noqa: F401
 
     ray.data.range(1).materialize()
     if workers <= 0:
         return []
+    arrivals = ray.remote(num_cpus=0)(Arrivals).remote()
     ready = ray.remote(_import_stage).options(num_cpus=cpus_per_worker)
-    return ray.get([ready.remote(0.5) for _ in range(workers)])
+    try:
+        return ray.get([ready.remote(arrivals, workers) for _ in range(workers)])
+    finally:
+        ray.kill(arrivals)
 
 
-def _import_stage(hold_s: float) -> int:
+class Arrivals:
+    """How many of :func:`warm_cluster`'s tasks have started (a Ray actor there)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def arrive(self) -> None:
+        self.n += 1
+
+    def count(self) -> int:
+        return self.n
+
+
+def _import_stage(arrivals, workers: int, timeout_s: float = 60.0) -> int:
+    """Import the per-image modules, then wait (at most ``timeout_s``: the cluster may not hold
+    them all at once) until all ``workers`` tasks have."""
     import importlib
+
+    import ray
 
     for name in [*STAGE_MODULES, "raypipe.data.pipeline"]:
         importlib.import_module(name)
-    time.sleep(hold_s)
+    ray.get(arrivals.arrive.remote())
+    deadline = time.monotonic() + timeout_s
+    while ray.get(arrivals.count.remote()) < workers and time.monotonic() < deadline:
+        time.sleep(0.05)
     return os.getpid()
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 
@@ -105,7 +106,7 @@ def data_wait(args: argparse.Namespace) -> dict:
     sized as training sizes it (``pipeline.workers=auto`` unless ``--cpus``). The headline is
     the mean over the epochs after the first."""
     from raypipe.data.pipeline import cache_choice
-    from raypipe.data.sources import DatasetSplit, discover
+    from raypipe.data.sources import discover
     from raypipe.training.trainer import run_training
 
     storage = scratch_dir("raypipe-bench-")
@@ -116,8 +117,7 @@ def data_wait(args: argparse.Namespace) -> dict:
         f"run.storage_path={storage}", "run.name=bench-wait", "run.tensorboard=false",
     ])
     split = discover(cfg.data)
-    split = DatasetSplit(split.filesystem, split.class_names, cycled(split.train, args.images),
-                         split.val, split.source)
+    split = dataclasses.replace(split, train=cycled(split.train, args.images))
     cached = cache_choice(cfg, len(split.train), len(split.val))[0]
     summary = run_training(cfg, split)
     history = summary["history"]
