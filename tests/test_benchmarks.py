@@ -350,33 +350,23 @@ def test_scale_lists_and_streams_every_row_at_each_size(ray_cluster, tmp_path):
                                                  / ingest["sizes"][0]["peak_mib"])
 
 
-def test_scale_needs_a_folder_and_says_what_training_needs(tmp_path):
-    from raypipe.benchmarks.scale import multilabel_keys_present
-
+def test_scale_needs_a_folder(tmp_path):
     manifest = _nih_like_manifest(tmp_path / "m.csv", 8)
     with pytest.raises(SystemExit, match="--write-standins DIR or --root DIR"):
         _job().main(["scale", "--manifest", manifest, "--json", str(tmp_path / "x.json")])
-    if multilabel_keys_present():
-        return  # the training part runs: test_scale_trains_on_the_multilabel_task
-    with pytest.raises(SystemExit, match="data.task and data.group_column"):
-        _job().main(["scale", "--manifest", manifest, "--root", str(tmp_path), "--train-files", "8",
-                     "--json", str(tmp_path / "x.json")])
 
 
 @pytest.mark.slow
-def test_scale_trains_on_the_multilabel_task(ray_cluster, tmp_path):
-    from raypipe.benchmarks.scale import multilabel_keys_present
-
-    if not multilabel_keys_present():
-        pytest.skip("needs the multilabel task (data.task, data.group_column)")
+def test_scale_trains_on_the_multilabel_task_with_patients_on_one_side(ray_cluster, tmp_path):
     manifest = _nih_like_manifest(tmp_path / "m.csv", 120)
     r = _run(tmp_path, "scale", "--manifest", manifest, "--write-standins", str(tmp_path / "s"),
              "--no-ingest", "--train-files", "64", "--image-size", "16", "--batch-size", "8",
-             "--cpus", "1", "--standin-processes", "1", "--set", "train.cpus_per_worker=1")
+             "--standin-processes", "1", "--set", "train.cpus_per_worker=1")
     train = r["train"]
-    assert train["status"] == "finished" and train["train_steps"] >= 1
-    assert set(train["val_auc_per_finding"]) <= {"Effusion", "Infiltration", "Atelectasis"}
-    assert train["val_auc_per_finding"]
+    assert (train["status"], train["task"], train["groups_on_both_sides"]) == ("finished", "multilabel", 0)
+    assert "Patient ID" in train["group_by"] and train["train_steps"] >= 1
+    assert set(train["val_auc_per_finding"]) == {"Effusion", "Infiltration", "Atelectasis"}
+    assert all(0.0 <= v <= 1.0 for v in train["val_auc_per_finding"].values())
 
 
 @pytest.mark.slow

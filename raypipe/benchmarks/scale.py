@@ -17,20 +17,21 @@
     pyarrow's S3 filesystem, paging included (``all_rows_listed``). It runs in a child process
     with its own local Ray, whose workers get the server's endpoint from their environment as a
     cluster's nodes do.
-(d) ``--train-files N``: a short training run, one epoch on N training files (``data.limit``) on
-    the multilabel task with its patient-grouped split, that ends with per-finding AUCs in
-    ``summary.json``. It needs the config keys ``data.task`` (``multilabel``) and
-    ``data.group_column``; with a raypipe that does not have them it stops before anything runs,
-    saying so.
+(d) ``--train-files N``: a short training run, one epoch on N training files (``data.limit``: the
+    run's step limit) on the multilabel task (``data.task=multilabel``) with the patient-grouped
+    split (``data.group_column``: NIH's ``Patient ID``), that ends with per-finding AUCs in
+    ``summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import subprocess
@@ -53,13 +54,13 @@ from raypipe.benchmarks.common import (
     session_memory,
     stage_cpus,
 )
-from raypipe.config import Config, DataConfig, load_config
+from raypipe.config import Config, load_config
 from raypipe.data.sources import DatasetSplit, discover, get_filesystem, read_manifest_table
 
 NIH_MANIFEST = "/work/shared/data/nih-chestxray14/Data_Entry_2017_v2020.csv.gz"
 PATH_COLUMNS = ("Image Index", "path")  # NIH's, then raypipe's default
 S3_BUCKET = "raypipe-scale"
-# stand-ins written per task of the writer's pool: large enough that a task's start is nothing
+# at most this many stand-ins per task of the writer's pool: a task's start is then nothing
 CHUNK = 2000
 
 
@@ -125,8 +126,10 @@ def write_standins(names: list[str], folder: str, size: int = 64,
         _check_name(name)
     os.makedirs(folder, exist_ok=True)
     t0 = time.perf_counter()
-    chunks = [names[i:i + CHUNK] for i in range(0, len(names), CHUNK)]
-    processes = min(processes or os.cpu_count() or 1, max(1, len(chunks)))
+    processes = max(1, min(processes or os.cpu_count() or 1, len(names)))
+    # a few tasks per process, so that the processes finish together
+    step = max(1, min(CHUNK, math.ceil(len(names) / (4 * processes))))
+    chunks = [names[i:i + step] for i in range(0, len(names), step)]
     if processes <= 1:
         counts = [_write_chunk(folder, chunk, size) for chunk in chunks]
     else:
@@ -160,7 +163,7 @@ def first_rows(manifest: str, n: int, total: int) -> str:
     return path
 
 
-def scale_config(args: argparse.Namespace, manifest: str, root: str, extra: list[str] = ()) -> Config:
+def scale_config(args: argparse.Namespace, manifest: str, root: str) -> Config:
     """The manifest over the stand-ins, 1-channel films, augmentation on, the data stage from
     the arguments, then ``--set`` overrides."""
     finding = [] if args.finding == "none" else [f"data.positive_finding={args.finding}"]
@@ -169,8 +172,18 @@ def scale_config(args: argparse.Namespace, manifest: str, root: str, extra: list
         f"preprocess.image_size={args.image_size}", "preprocess.channels=1",
         "preprocess.normalize=divide255", "augment.enabled=true",
         f"train.batch_size={args.batch_size}", *pipeline_overrides(args, stage_cpus(args)),
-        *extra, *args.set,
+        *args.set,
     ])
+
+
+def workers_of(cfg: Config) -> int:
+    """The data tasks at a time of ``cfg``'s stage (``auto``: as many as the cluster's CPUs
+    hold)."""
+    import ray
+
+    from raypipe.data.pipeline import data_workers
+
+    return data_workers(cfg, float(ray.cluster_resources().get("CPU", 1.0)))
 
 
 def _path_override(args: argparse.Namespace) -> list[str]:
@@ -180,8 +193,7 @@ def _path_override(args: argparse.Namespace) -> list[str]:
 def _every_row(split: DatasetSplit) -> DatasetSplit:
     """All listed files as the stream to ingest (training and validation side), two of them as
     the validation set (built, never read here)."""
-    return DatasetSplit(split.filesystem, split.class_names, split.train + split.val,
-                        split.val[:2], split.source, split.skipped)
+    return dataclasses.replace(split, train=split.train + split.val, val=split.val[:2])
 
 
 def ingest_rows(args: argparse.Namespace, manifest: str, root: str, rows: int) -> dict:
@@ -209,9 +221,8 @@ def warm_epoch(args: argparse.Namespace, manifest: str, root: str) -> None:
     processes it starts idle in its pool, so every measured size starts from the same pool."""
     cfg = scale_config(args, manifest, root)
     split = _every_row(discover(cfg.data))
-    n = min(len(split.train), 4 * cfg.pipeline.files_per_batch * int(cfg.pipeline.workers))
-    ray_epochs(cfg, DatasetSplit(split.filesystem, split.class_names, split.train[:n],
-                                 split.val, split.source), args.batch_size, 1)
+    n = min(len(split.train), 4 * cfg.pipeline.files_per_batch * workers_of(cfg))
+    ray_epochs(cfg, dataclasses.replace(split, train=split.train[:n]), args.batch_size, 1)
 
 
 def files_under(root: str) -> tuple[int, float]:
@@ -236,7 +247,7 @@ def ingest_sizes(args: argparse.Namespace, manifest: str, root: str, total: int)
         rows.append(ingest_rows(args, manifests[n], root, n))
     out = {"manifest": manifest, "root": root, "root_files": root_files,
            "root_listing_s": root_listing_s, "sizes": rows,
-           "workers": int(scale_config(args, manifest, root).pipeline.workers)}
+           "workers": workers_of(scale_config(args, manifest, root))}
     if len(rows) > 1:
         out["peak_ratio"] = rows[-1]["peak_mib"] / rows[0]["peak_mib"]
         out["target_peak_ratio_max"] = 1.2
@@ -304,8 +315,9 @@ def s3_run(args: argparse.Namespace, manifest: str, names: list[str]) -> dict:
                    "--manifest", f"s3://{S3_BUCKET}/manifest.csv",
                    "--root", f"s3://{S3_BUCKET}/images", "--rows", *sizes, *_child_arguments(args)]
         # a local Ray of its own: its workers inherit the endpoint and the keys, as a cluster's
-        # nodes get theirs from the cluster config
-        child_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
+        # nodes get theirs from the cluster config; no other AWS setting of this process
+        child_env = {k: v for k, v in os.environ.items()
+                     if k != "RAY_ADDRESS" and not k.startswith("AWS_")} | env
         proc = subprocess.run(command, env=child_env, capture_output=True, text=True,
                               timeout=args.s3_timeout)
         if proc.returncode != 0:
@@ -319,11 +331,6 @@ def s3_run(args: argparse.Namespace, manifest: str, names: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------- (d) a short training run
-
-
-def multilabel_keys_present() -> bool:
-    """Whether this raypipe has the multilabel task and the patient-grouped split."""
-    return {"task", "group_column"} <= set(DataConfig.model_fields)
 
 
 def train_run(args: argparse.Namespace, manifest: str, root: str) -> dict:
@@ -345,8 +352,11 @@ def train_run(args: argparse.Namespace, manifest: str, root: str) -> dict:
     summary = run_training(cfg)
     best = summary.get("best_metrics", {})
     history = summary.get("history") or [{}]
+    data = summary.get("data", {})
     return {"train_files": args.train_files, "train_steps": history[-1].get("train_steps"),
             "run_s": time.perf_counter() - t0, "status": summary.get("status"),
+            "task": data.get("task"), "group_by": data.get("group_by"),
+            "groups_on_both_sides": data.get("groups_on_both_sides"),
             "val_auc": best.get("val_auc"),
             "val_auc_per_finding": {k.removeprefix("val_auc/"): v for k, v in best.items()
                                     if k.startswith("val_auc/")},
@@ -375,9 +385,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ingest", action="store_true", help="only write the stand-ins")
     p.add_argument("--image-size", type=at_least(8), default=64)
     p.add_argument("--batch-size", type=at_least(1), default=32)
-    p.add_argument("--finding", default="Effusion",
-                   help="data.positive_finding of the ingest runs (labels do not change what is "
-                        "read); none: the labels as the config takes them")
+    p.add_argument("--finding", default="none",
+                   help="data.positive_finding of the ingest runs, making them one-vs-rest; none: "
+                        "the labels as the config takes them (NIH's: multilabel). Labels do not "
+                        "change what is read")
     p.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
     p.add_argument("--s3-objects", type=at_least(0), default=0,
                    help="also ingest this many stand-ins from a moto S3 server (>= 10,000 for "
@@ -386,18 +397,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="row counts of the S3 run (default: a tenth of --s3-objects, then all)")
     p.add_argument("--s3-timeout", type=at_least(1), default=3600, help="seconds")
     p.add_argument("--train-files", type=at_least(0), default=0,
-                   help="also a one-epoch multilabel training run on this many training files "
-                        "(needs data.task and data.group_column); 0: not")
+                   help="also a one-epoch multilabel training run on this many training files, "
+                        "patients kept on one side; 0: not")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for the runs (repeatable), e.g. pipeline.workers=8")
     add_pipeline_arguments(p, cache=None)
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.train_files and not multilabel_keys_present():
-        raise SystemExit("scale --train-files needs the multilabel task and the patient-grouped "
-                         "split (config keys data.task and data.group_column), which this "
-                         "raypipe does not have yet; run without --train-files")
     root = args.write_standins or args.root
     if root is None and (args.train_files or not args.s3_objects):
         raise SystemExit("scale: give --write-standins DIR or --root DIR (or only --s3-objects N)")
