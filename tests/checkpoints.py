@@ -68,4 +68,7 @@ def save_test_checkpoint(directory: Path, data_root: Path | str, overrides: list
     meta = meta_for(cfg, class_names)
     del meta["checkpoint"]  # load_checkpoint adds where it was loaded from
     save_checkpoint(str(directory), model, optimizer, scheduler, None, 0, meta)
+    from raypipe.training.checkpoints import mark_complete
+
+    mark_complete(str(directory), 0)  # as a run does once the checkpoint is in storage
     return directory

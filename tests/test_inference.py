@@ -24,7 +24,7 @@ def checkpoint(tmp_path_factory):
     data = make_image_folder(root / "imgs", {"cats": 8, "dogs": 8}, size=(36, 28))
     return save_test_checkpoint(root / "ckpt", data, [
         "preprocess.image_size=32", "preprocess.channels=3", "preprocess.normalize=minmax",
-        "augment.tta=hflip", "pipeline.val.batch_size=4", "train.batch_size=4",
+        "augment.tta=hflip", "train.batch_size=4",
         "data.max_bad_fraction=0.5"])
 
 

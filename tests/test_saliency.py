@@ -139,7 +139,7 @@ def test_write_saliency_grids(tmp_path):
 def test_evaluate_job_writes_saliency(ray_cluster, tmp_path):
     data = make_image_folder(tmp_path / "imgs", {"cats": 10, "dogs": 10}, size=(70, 64))
     ckpt = save_test_checkpoint(tmp_path / "ckpt", data, ["preprocess.image_size=64", "train.batch_size=4",
-                                                           "pipeline.val.batch_size=4"])
+                                                           "pipeline.files_per_batch=4"])
     out = tmp_path / "eval"
     proc = run_job("evaluate.py", "--checkpoint", str(ckpt), "--out", str(out), "--saliency", "2",
                    env={"RAY_ADDRESS": ray_cluster}, timeout=400)

@@ -126,7 +126,7 @@ def test_secrets_never_reach_logs_configs_or_summaries(ray_cluster, tmp_path: Pa
     root = make_image_folder(tmp_path / "imgs", {"a": 8, "b": 8})
     proc = run_job("train.py", f"data.root={root}", f"run.storage_path={tmp_path / 'runs'}",
                    "run.name=secretive", "train.epochs=1", "train.batch_size=8",
-                   *TAME, "preprocess.image_size=32", "pipeline.blocks=2",
+                   *TAME, "preprocess.image_size=32",
                    "augment.enabled=false", "run.tensorboard=false",
                    env={**_secret_env(), "RAY_ADDRESS": ray_cluster})
     assert proc.returncode == 0, proc.stderr[-3000:]
