@@ -41,6 +41,7 @@ import logging
 import os
 import posixpath
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -1032,6 +1033,7 @@ def _group_by(records: list[Record], cfg: DataConfig, manifest: bool) -> str | N
 # ---------------------------------------------------------------- train/val leakage
 
 FINGERPRINT_BYTES = 64 * 1024
+FINGERPRINT_THREADS = 16
 
 
 def _fill_sizes(fs: pafs.FileSystem, records: list[Record]) -> dict[str, int]:
@@ -1073,21 +1075,20 @@ def find_duplicates(
     common = {s for s in train_sizes.values() if s} & set(val_sizes.values())
     if not common:
         return []
+
+    def prints(filesystem, records, sizes) -> list[tuple[Record, bytes | None]]:
+        todo = [r for r in records if sizes.get(r.path) in common]
+        # object stores answer each read in tens of milliseconds: many reads at once
+        with ThreadPoolExecutor(max_workers=FINGERPRINT_THREADS) as pool:
+            return list(zip(todo, pool.map(lambda r: _fingerprint(filesystem, r.path, sizes[r.path]),
+                                           todo), strict=True))
+
     by_print: dict[bytes, str] = {}
-    for r in train:
-        size = train_sizes.get(r.path)
-        if size in common:
-            fp = _fingerprint(fs, r.path, size)
-            if fp is not None:
-                by_print.setdefault(fp, r.key)
-    pairs = []
-    for r in val:
-        size = val_sizes.get(r.path)
-        if size in common:
-            fp = _fingerprint(val_fs, r.path, size)
-            if fp is not None and fp in by_print:
-                pairs.append((r.key, by_print[fp]))
-    return pairs
+    for r, fp in prints(fs, train, train_sizes):
+        if fp is not None:
+            by_print.setdefault(fp, r.key)
+    return [(r.key, by_print[fp]) for r, fp in prints(val_fs, val, val_sizes)
+            if fp is not None and fp in by_print]
 
 
 def _stratified_subset(records: list[Record], n: int, seed: int) -> tuple[list[Record], list]:
