@@ -189,6 +189,7 @@ def test_export_round_trip_synthetic(synthetic_checkpoint, tmp_path, fmt, input_
         assert "raypipe imported: False" in proc.stdout
 
 
+@pytest.mark.slow  # a job in a subprocess, or several processes
 def test_tampered_export_fails_the_check(synthetic_checkpoint, tmp_path):
     import onnx
     from onnx import numpy_helper
@@ -227,6 +228,7 @@ def test_export_refuses_bad_requests(synthetic_checkpoint, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written when the check fails
 
 
+@pytest.mark.slow  # a job in a subprocess, or several processes
 def test_export_job(synthetic_checkpoint, tmp_path):
     out = tmp_path / "job"
     proc = run_job("export.py", "--checkpoint", str(synthetic_checkpoint), "--format", "torchscript",
@@ -243,6 +245,7 @@ def test_export_job(synthetic_checkpoint, tmp_path):
 # ---------------------------------------------------------------- real images
 
 
+@pytest.mark.slow  # real films through both exporters
 @pytest.mark.parametrize("fmt,input_size", [("onnx", "112x112"), ("torchscript", "auto")])
 def test_export_real_chest_films(shared_data, tmp_path, fmt, input_size):
     """Chest films (mostly 224x224 JPEG re-saves, which decode drafted to 112x112 for a 64 px

@@ -78,6 +78,7 @@ def test_bad_input_says_what_to_do(checkpoint, tmp_path):
         predict(str(checkpoint), str(tmp_path / "missing.png"))
 
 
+@pytest.mark.slow  # a job in a subprocess, or several processes
 def test_predict_job_one_image(checkpoint, tmp_path):
     image = sorted((data_folder(checkpoint) / "cats").glob("*.png"))[0]
     out = tmp_path / "p.csv"

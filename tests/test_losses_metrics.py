@@ -295,6 +295,7 @@ def _buffers_after_sharing(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a job in a subprocess, or several processes
 def test_every_worker_validates_with_rank0_batchnorm_statistics(tmp_path):
     """DDP keeps weights equal but not BatchNorm statistics; before validation every worker takes
     rank 0's, so all of them score the model the checkpoint holds."""

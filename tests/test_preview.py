@@ -43,6 +43,7 @@ def test_render_preview_writes_a_png(image_folder, tmp_path):
     assert pixels.std() > 10  # not a blank canvas
 
 
+@pytest.mark.slow  # a job in a subprocess, or several processes
 def test_preview_job_writes_a_png(image_folder, tmp_path):
     out = tmp_path / "preview.png"
     proc = run_job("preview.py", "--n", "3", "--images", "2", "--out", str(out),
