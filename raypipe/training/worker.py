@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -157,6 +158,8 @@ def train_func(config: dict) -> None:
                                         **kwargs)
 
     for epoch in range(start_epoch, t.epochs):
+        # the whole epoch as a user waits for it: training, validation, checkpoint, history
+        started_at, t_start = time.time(), time.perf_counter()
         lr = scheduler.lr
         # the training stage reads the epoch (its file order, its augmentation seeds) from the
         # clock: set it once every worker is done with the previous epoch's batches
@@ -174,12 +177,14 @@ def train_func(config: dict) -> None:
             _check_finite("a model weight or BatchNorm statistic",
                           loop.unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
             _share_rank0_buffers(loop.unwrap(model), *([ema.module] if ema is not None else []))
+            t_val = time.perf_counter()
             labels, logits = loop.predict(
                 ema.module if ema is not None else loop.unwrap(model),
                 batches(val_shard, prefetch_batches=cfg.pipeline.prefetch_batches),
                 device, amp=t.amp, channels_last=t.channels_last, tta=cfg.augment.tta,
             )
             labels, logits = gather_predictions(labels, logits)
+            val_time = time.perf_counter() - t_val
             _check_finite("the validation output", [torch.from_numpy(logits)], doctor, epoch,
                           stats, lr)
         except TrainingDiverged as exc:
@@ -188,7 +193,8 @@ def train_func(config: dict) -> None:
             return
         val, confusion = epoch_metrics(labels, logits, facts["class_names"], eval_loss_fn,
                                        t.threshold)
-        metrics = {"epoch": epoch, "lr": lr, **stats, **val}
+        metrics = {"epoch": epoch, "lr": lr, "epoch_started_at": started_at, **stats, **val,
+                   "validation_s": val_time}
         metrics["images_per_s_total"] = _sum_over_workers(stats["images_per_s"], device)
         scheduler.step(metrics)
         history.append({**metrics, "val_confusion": confusion})
@@ -196,6 +202,9 @@ def train_func(config: dict) -> None:
         if rank == 0 and clock is not None:  # for the driver's progress display
             clock.record.remote({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts, ema)
+        if rank == 0:  # after the checkpoint: history.json's epoch_wall_s holds its time too
+            history[-1]["epoch_wall_s"] = time.perf_counter() - t_start
+            _write_history(facts["run_dir"], history)
         gate = facts.get("stop_gate")
         if gate is not None and epoch + 1 < t.epochs:
             # a search scheduler's verdict on this epoch, the same on every worker
@@ -277,7 +286,6 @@ def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, 
     # the report has persisted the files: now the folder is complete; and history.json never
     # lists an epoch that a restart would have to train again
     checkpoints.mark_complete(uri, epoch)
-    _write_history(facts["run_dir"], history)
 
 
 def _write_history(run_dir: str | None, history: list) -> None:
