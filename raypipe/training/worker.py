@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -94,17 +95,32 @@ def _restore(uri: str | None, model, optimizer, scheduler, scaler,
     return int(state["epoch"]) + 1, list(meta.get("history", []))
 
 
-def _share_rank0_buffers(*modules: torch.nn.Module) -> None:
+def _share_rank0_buffers(*modules: torch.nn.Module, average_bn: bool = False) -> None:
     """Give every worker rank 0's buffers (BatchNorm running statistics). DDP keeps the weights
     equal, but each worker's statistics follow its own last batch (DDP broadcasts rank 0's at
     the start of each forward, then each worker updates them with its own batch), so without this
     every worker would validate a slightly different model, and none exactly the one the
-    checkpoint (rank 0's) holds."""
+    checkpoint (rank 0's) holds.
+
+    ``average_bn`` (``bn_stats: precise``, where each worker recomputed its statistics over its
+    own share of the epoch's last images, as many batches each): the BatchNorm running means and
+    variances are averaged over the workers instead, which is the mean over all those batches,
+    what one worker recomputing over every one of them would get."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    world = dist.get_world_size()
     for module in modules:
+        averaged: set[int] = set()
+        if average_bn:
+            for layer in loop.batchnorm_layers(module):
+                for buf in (layer.running_mean, layer.running_var):
+                    if buf is not None:
+                        dist.all_reduce(buf)
+                        buf /= world
+                        averaged.add(id(buf))
         for buf in module.buffers():
-            dist.broadcast(buf, src=0)
+            if id(buf) not in averaged:
+                dist.broadcast(buf, src=0)
 
 
 def _barrier(world: int) -> None:
@@ -149,6 +165,8 @@ def train_func(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_worker_batch = max(1, t.batch_size // world)
+    # bn_stats: precise: each worker recomputes over its share of the images, then they average
+    bn_samples = math.ceil(t.bn_stats_samples / world) if t.bn_stats == "precise" else 0
     doctor = GradientDoctor(t.grad_spike_factor, grads_may_overflow=scaler.is_enabled())
     clock = facts.get("clock")
     tb = TensorBoardLogger(facts.get("run_dir"), enabled=cfg.run.tensorboard and rank == 0)
@@ -172,11 +190,12 @@ def train_func(config: dict) -> None:
                 optimizer, loss_fn, device, doctor, epoch=epoch,
                 grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last, scaler=scaler,
                 ema=ema, mixup_alpha=0.0 if t.overfit_subset is not None else t.mixup_alpha,
-                bn_stats_samples=t.bn_stats_samples if t.bn_stats == "precise" else 0,
+                bn_stats_samples=bn_samples,
             )
             _check_finite("a model weight or BatchNorm statistic",
                           loop.unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
-            _share_rank0_buffers(loop.unwrap(model), *([ema.module] if ema is not None else []))
+            _share_rank0_buffers(loop.unwrap(model), *([ema.module] if ema is not None else []),
+                                 average_bn=bn_samples > 0)
             t_val = time.perf_counter()
             labels, logits = loop.predict(
                 ema.module if ema is not None else loop.unwrap(model),
