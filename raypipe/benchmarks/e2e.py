@@ -447,6 +447,10 @@ def raypipe_run(cfg: Config, num_cpus: int | None = None) -> dict:
                 ray.shutdown()
     end = time.time()
     hist = summary["history"]
+    if not hist or "epoch_wall_s" not in hist[-1]:
+        raise RuntimeError("the training workers' history has no epoch_wall_s: they run another "
+                           "raypipe than this driver (on a cluster, install this one on its nodes; "
+                           "from a checkout, export PYTHONPATH=<checkout> before Ray starts)")
     world = cfg.train.num_workers  # equal shards: every worker trains as many images as rank 0
     epochs = [{"epoch_s": h["epoch_wall_s"], "started_at": h["epoch_started_at"],
                "train_s": h["epoch_time_s"],
