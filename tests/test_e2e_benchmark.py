@@ -137,6 +137,14 @@ def test_cpu_roles_come_from_rays_titles():
     assert e2e.cpu_role("/venv/bin/gcs_server --flags", False) == "ray_other"
 
 
+def test_processes_are_named_by_ray_title_script_or_program():
+    assert e2e.process_name(["ray::SplitCoordinator.get", "", ""]) == "ray::SplitCoordinator"
+    assert e2e.process_name(["/v/bin/python", "-u", "/v/ray/dashboard/agent.py", "--x=1"]) == "agent.py"
+    assert e2e.process_name(["/v/bin/python3.11", "-m", "ray.util.client.server"]) == "ray.util.client.server"
+    assert e2e.process_name(["/v/ray/core/src/ray/raylet/raylet", "--flag"]) == "raylet"
+    assert e2e.process_name(["ray-dashboard-NodeHead-0", "(/v/bin/python"]) == "ray-dashboard-NodeHead-0"
+
+
 def test_cpu_sampler_counts_this_process_between_two_moments():
     with e2e.CpuSampler(interval=0.05) as cpu:
         t0 = time.time()
@@ -152,6 +160,8 @@ def test_cpu_sampler_counts_this_process_between_two_moments():
               {"started_at": t0, "epoch_s": t1 - t0, "images": 10}]
     later = e2e.later_cpu(cpu, epochs)
     assert later["driver_ms_per_image"] == pytest.approx(1000 * spent["driver"] / 10)
+    assert later["by_process_ms_per_image"]["driver"] == pytest.approx(
+        later["driver_ms_per_image"], rel=0.5)  # nearest samples, not interpolated
 
 
 @pytest.mark.slow

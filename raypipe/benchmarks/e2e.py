@@ -54,6 +54,25 @@ DATA_TITLES = ("ray::ReadRange", "ray::MapBatches", "ray::_prepare_part", "ray::
 ROLES = ("driver", "train_workers", "data_tasks", "ray_other")
 
 
+def process_name(cmdline: list[str]) -> str:
+    """A short name for a process: its Ray title without the method (``ray::SplitCoordinator``),
+    the Python script or module it runs (``dashboard.py``), or its program (``raylet``)."""
+    if not cmdline:
+        return "?"
+    title = " ".join(cmdline).strip()
+    if title.startswith("ray::"):
+        return title.split()[0].split(".")[0]
+    if title.startswith("ray-dashboard-"):  # the dashboard's module processes
+        return title.split()[0]
+    if os.path.basename(cmdline[0]).startswith("python"):
+        for i, arg in enumerate(cmdline[1:], 1):
+            if arg == "-m" and i + 1 < len(cmdline):
+                return cmdline[i + 1]
+            if arg.endswith(".py"):
+                return os.path.basename(arg)
+    return os.path.basename(cmdline[0])
+
+
 def cpu_role(title: str, is_self: bool) -> str:
     """The role of a process under this one, from its command line as Ray titles it."""
     if is_self:
@@ -80,6 +99,8 @@ class CpuSampler:
         self.totals: list[dict[str, float]] = []
         self._last: dict[int, float] = {}
         self._sum = dict.fromkeys(ROLES, 0.0)
+        self._named: dict[str, float] = {}
+        self.named: list[dict[str, float]] = []  # cumulative CPU by process_name, per sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="e2e-cpu")
 
@@ -94,15 +115,20 @@ class CpuSampler:
         for p in procs:
             try:
                 t = p.cpu_times()
-                role = cpu_role(" ".join(p.cmdline()), p.pid == me.pid)
+                cmdline = p.cmdline()
             except (psutil.Error, OSError):
                 continue
+            role = cpu_role(" ".join(cmdline), p.pid == me.pid)
             cpu = t.user + t.system
             if not baseline:  # a process first seen now counts from its start
-                self._sum[role] += max(0.0, cpu - self._last.get(p.pid, 0.0))
+                delta = max(0.0, cpu - self._last.get(p.pid, 0.0))
+                self._sum[role] += delta
+                name = "driver" if role == "driver" else process_name(cmdline)
+                self._named[name] = self._named.get(name, 0.0) + delta
             self._last[p.pid] = cpu
         self.times.append(time.time())
         self.totals.append(dict(self._sum))
+        self.named.append(dict(self._named))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -136,6 +162,16 @@ class CpuSampler:
         a, b = self._at(t0), self._at(t1)
         return {r: b[r] - a[r] for r in ROLES}
 
+    def by_process(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU seconds by :func:`process_name` between the samples nearest ``t0`` and ``t1``."""
+        import bisect
+
+        def at(t: float) -> dict[str, float]:
+            return self.named[min(bisect.bisect_left(self.times, t), len(self.times) - 1)]
+
+        a, b = at(t0), at(t1)
+        return {k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}
+
 
 def later_cpu(cpu: CpuSampler, epochs: list[dict]) -> dict | None:
     """CPU of the later epochs (all but the first): ms per training image by role, and the
@@ -144,15 +180,21 @@ def later_cpu(cpu: CpuSampler, epochs: list[dict]) -> dict | None:
     if not later:
         return None
     spent = dict.fromkeys(ROLES, 0.0)
+    named: dict[str, float] = {}
     wall = 0.0
     for e in later:
-        for role, v in cpu.between(e["started_at"], e["started_at"] + e["epoch_s"]).items():
+        t0, t1 = e["started_at"], e["started_at"] + e["epoch_s"]
+        for role, v in cpu.between(t0, t1).items():
             spent[role] += v
+        for name, v in cpu.by_process(t0, t1).items():
+            named[name] = named.get(name, 0.0) + v
         wall += e["epoch_s"]
     images = max(1, sum(e["images"] for e in later))
+    top = sorted(named.items(), key=lambda kv: -kv[1])[:12]
     return {**{f"{r}_ms_per_image": 1000 * v / images for r, v in spent.items()},
             "total_ms_per_image": 1000 * sum(spent.values()) / images,
-            "cores_busy": sum(spent.values()) / max(wall, 1e-9)}
+            "cores_busy": sum(spent.values()) / max(wall, 1e-9),
+            "by_process_ms_per_image": {k: 1000 * v / images for k, v in top}}
 
 
 # ---------------------------------------------------------------- the config both sides train
