@@ -88,10 +88,11 @@ class CpuSampler:
     """``with CpuSampler() as cpu:`` samples, every ``interval`` seconds, the CPU seconds of
     this process and every process under it (a local Ray started here: its raylet, GCS and
     workers) by :func:`cpu_role`; :meth:`between` gives each role's CPU seconds between two
-    ``time.time()`` moments. On a busy machine wall times stretch; CPU seconds per image much
-    less. A process's CPU after its last sample (it exited) is not counted."""
+    ``time.time()`` moments. Wall times stretch on a busy machine; CPU seconds stretch less. A
+    process's CPU after its last sample (it exited) is not counted; the sampling itself (a few
+    ms of the driver's CPU a sample) counts as the driver's."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 1.0):
         import threading
 
         self.interval = interval
