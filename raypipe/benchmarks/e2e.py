@@ -19,22 +19,27 @@ all rounds together, with each side's validation AUC beside it.
 from __future__ import annotations
 
 import argparse
+import bisect
 import io
 import math
 import os
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
-import torch
 
 from raypipe.config import AugmentConfig, Config, ConfigError, PreprocessConfig
 from raypipe.data.sources import DatasetSplit, Record, discover
+
+if TYPE_CHECKING:  # torch is imported where it is used: the benchmark CLI loads every module
+    import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 DEFAULT_DATA = SHARED_DATA / "kermany" / "train"
@@ -93,8 +98,6 @@ class CpuSampler:
     ms of the driver's CPU a sample) counts as the driver's."""
 
     def __init__(self, interval: float = 1.0):
-        import threading
-
         self.interval = interval
         self.times: list[float] = []
         self.totals: list[dict[str, float]] = []
@@ -147,8 +150,6 @@ class CpuSampler:
 
     def _at(self, t: float) -> dict[str, float]:
         """Cumulative CPU seconds by role at ``t``, interpolated between samples."""
-        import bisect
-
         i = bisect.bisect_left(self.times, t)
         if i <= 0:
             return self.totals[0]
@@ -165,8 +166,6 @@ class CpuSampler:
 
     def by_process(self, t0: float, t1: float) -> dict[str, float]:
         """CPU seconds by :func:`process_name` between the samples nearest ``t0`` and ``t1``."""
-        import bisect
-
         def at(t: float) -> dict[str, float]:
             return self.named[min(bisect.bisect_left(self.times, t), len(self.times) - 1)]
 
@@ -290,6 +289,8 @@ def load_image(fs: pafs.FileSystem, path: str, pre: PreprocessConfig) -> tuple[n
 def load_split(records: list[Record], fs: pafs.FileSystem, pre: PreprocessConfig,
                threads: int) -> InMemory:
     """Every record decoded once, ``threads`` files at a time (PIL releases the GIL)."""
+    import torch
+
     s = pre.image_size
     images = torch.empty((len(records), pre.channels, s, s), dtype=torch.uint8)
     lo, hi = torch.empty(len(records)), torch.empty(len(records))
@@ -339,9 +340,13 @@ class BatchAugment:
         return names
 
     def _uniform(self, n: int, half_width: float) -> torch.Tensor:
+        import torch
+
         return (torch.rand(n, 1, 1, 1) * 2 - 1) * half_width
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         c, n = self.cfg, len(x)
         if self.geometric is not None:
             x = torch.stack([self.geometric(img) for img in x])
@@ -359,6 +364,8 @@ class BatchAugment:
 def model_input(mem: InMemory, idx: torch.Tensor, pre: PreprocessConfig,
                 augment: BatchAugment | None) -> torch.Tensor:
     """The batch ``idx``: normalised per image, augmented, standardised when configured."""
+    import torch
+
     lo, hi = mem.lo[idx].view(-1, 1, 1, 1), mem.hi[idx].view(-1, 1, 1, 1)
     scale = torch.where(hi - lo > 1e-6, 1.0 / (hi - lo), torch.zeros_like(hi))
     x = (mem.images[idx].float() - lo) * scale
@@ -383,6 +390,8 @@ def class_weights_of(cfg: Config, split: DatasetSplit) -> list[float] | None:
 
 def _train_epoch(model, mem: InMemory, batch_size: int, pre: PreprocessConfig,
                  augment: BatchAugment | None, optimizer, loss_fn, grad_clip: float | None) -> dict:
+    import torch
+
     model.train()
     order = torch.randperm(len(mem))
     total, n = torch.zeros(()), 0
@@ -403,11 +412,13 @@ def _train_epoch(model, mem: InMemory, batch_size: int, pre: PreprocessConfig,
     return {"train_s": time.perf_counter() - t0, "images": n, "train_loss": float(total) / max(n, 1)}
 
 
-@torch.inference_mode()
 def _predict(model, mem: InMemory, batch_size: int, pre: PreprocessConfig) -> np.ndarray:
+    import torch
+
     model.eval()
-    out = [model(model_input(mem, torch.arange(i, min(i + batch_size, len(mem))), pre, None))
-           for i in range(0, len(mem), batch_size)]
+    with torch.inference_mode():
+        out = [model(model_input(mem, torch.arange(i, min(i + batch_size, len(mem))), pre, None))
+               for i in range(0, len(mem), batch_size)]
     return torch.cat(out).float().numpy()
 
 
@@ -415,6 +426,8 @@ def plain_run(cfg: Config, threads: int) -> dict:
     """The plain PyTorch side: one process, ``threads`` torch threads. Returns its timings
     (``startup_s``: listing and decoding; per epoch ``epoch_s`` = train + validation +
     checkpoint) and validation AUCs."""
+    import torch
+
     from raypipe.models.resnet import create_model
     from raypipe.training.losses import build_loss
     from raypipe.training.metrics import classification_metrics, softmax
@@ -426,6 +439,9 @@ def plain_run(cfg: Config, threads: int) -> dict:
     torch.set_num_threads(threads)
     try:
         split = discover(cfg.data)
+        if any(not isinstance(r.label, int) for r in split.train[:1]):
+            raise ConfigError("e2e: the plain PyTorch loop trains single-label classes; this "
+                              "dataset is multi-label (give data.positive_finding).")
         pre, t = cfg.preprocess, cfg.train
         train = load_split(split.train, split.filesystem, pre, threads)
         val = load_split(split.val, split.filesystem, pre, threads)
