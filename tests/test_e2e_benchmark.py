@@ -122,6 +122,26 @@ def test_the_ratio_compares_the_later_epochs_of_every_round():
     assert out["plain"]["best_auc"] == pytest.approx(0.9) and out["plain"]["last_auc"] == pytest.approx(0.7)
     one_epoch = [{**r, "raypipe": _run([30], [.5]), "plain": _run([10], [.6])} for r in rounds]
     assert e2e.compare(one_epoch)["ratio"] is None
+    assert out["raypipe"]["cpu"] is None  # no round measured any
+
+
+def test_cpu_figures_are_averaged_over_the_rounds_process_by_process():
+    a = {"driver_ms_per_image": 2.0, "total_ms_per_image": 6.0, "cores_busy": 1.0,
+         "by_process_ms_per_image": {"raylet": 4.0}}
+    b = {"driver_ms_per_image": 4.0, "total_ms_per_image": 7.0, "cores_busy": 2.0,
+         "by_process_ms_per_image": {"raylet": 2.0, "gcs_server": 1.0}}
+    got = e2e.mean_cpu([a, b])
+    assert got["driver_ms_per_image"] == 3.0 and got["cores_busy"] == 1.5
+    assert got["by_process_ms_per_image"] == {"raylet": 3.0, "gcs_server": 0.5}
+    assert list(got["by_process_ms_per_image"]) == ["raylet", "gcs_server"]  # largest first
+    rounds = [{"round": 0, "order": ["raypipe", "plain"], "raypipe": {**_run([3, 2], [.5, .6]), "cpu": a},
+               "plain": {**_run([3, 2], [.5, .6]), "cpu": b}}]
+    summary = e2e.compare(rounds)
+    assert summary["plain"]["cpu"]["cores_busy"] == 2.0
+    rows = e2e.table(rounds, summary)
+    assert rows[2]["side"] == "raypipe" and rows[2]["cores_busy"] == 1.0
+    assert rows[2]["cpu_ms_per_image"] == 6.0
+    json.dumps(rows)
 
 
 def statistics_mean(values: list[float]) -> float:

@@ -550,6 +550,18 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def mean_cpu(cpus: list[dict]) -> dict | None:
+    """The rounds' :func:`later_cpu` figures averaged (a process missing from a round counts 0)."""
+    if not cpus:
+        return None
+    out: dict = {k: _mean([c[k] for c in cpus]) for k, v in cpus[0].items() if not isinstance(v, dict)}
+    names = {k for c in cpus for k in c["by_process_ms_per_image"]}
+    by_process = {k: statistics.fmean(c["by_process_ms_per_image"].get(k, 0.0) for c in cpus)
+                  for k in names}
+    out["by_process_ms_per_image"] = dict(sorted(by_process.items(), key=lambda kv: -kv[1]))
+    return out
+
+
 def compare(rounds: list[dict]) -> dict:
     """Both sides' figures over the rounds and raypipe/plain of the later (and first) epochs."""
     out: dict = {}
@@ -557,8 +569,7 @@ def compare(rounds: list[dict]) -> dict:
         figs = [side_figures(r[side]) for r in rounds]
         out[side] = {k: _mean([f[k] for f in figs]) for k in figs[0]}
         out[side]["later_epochs_s"] = [e["epoch_s"] for r in rounds for e in r[side]["epochs"][1:]]
-        cpus = [r[side]["cpu"] for r in rounds if r[side].get("cpu")]
-        out[side]["cpu"] = {k: _mean([c[k] for c in cpus]) for k in cpus[0]} if cpus else None
+        out[side]["cpu"] = mean_cpu([r[side]["cpu"] for r in rounds if r[side].get("cpu")])
     later = [(sum(e["epoch_s"] for e in r["raypipe"]["epochs"][1:]),
               sum(e["epoch_s"] for e in r["plain"]["epochs"][1:])) for r in rounds]
     out["ratio"] = (sum(a for a, _ in later) / sum(b for _, b in later)
