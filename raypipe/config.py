@@ -332,8 +332,8 @@ class TrainConfig(_Section):
         "precise: recomputed after each epoch with its final weights over its last "
         "bn_stats_samples training images; ema: PyTorch's running average over the steps")
     bn_stats_samples: int = Field(
-        512, ge=2, description="training images per worker that bn_stats: precise recomputes the "
-        "statistics over")
+        512, ge=2, description="training images that bn_stats: precise recomputes the statistics "
+        "over, each worker its equal share of them (the workers' statistics are then averaged)")
     amp: Literal["none", "bf16", "fp16"] = Field(
         "none", description="mixed precision on GPUs (fp16 with a grad scaler)")
     channels_last: bool = Field(False, description="channels-last memory format on GPUs")

@@ -107,3 +107,40 @@ def test_config_default_is_precise_and_ema_can_be_chosen():
     cfg = load_config(None, [])
     assert cfg.train.bn_stats == "precise" and cfg.train.bn_stats_samples == 512
     assert load_config(None, ["train.bn_stats=ema"]).train.bn_stats == "ema"
+
+
+def _recompute_share_and_save(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from raypipe.training.worker import _share_rank0_buffers
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    model = _model()
+    xs = [b["image"] for b in _batches(n=6)]
+    recompute_bn_stats(model, xs[rank::world], CPU)  # each worker its own share of the images
+    _share_rank0_buffers(model, average_bn=True)
+    torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_workers_recompute_their_shares_and_average_to_one_recompute_over_all(tmp_path):
+    """``bn_stats: precise`` with several workers: each recomputes over its share of the last
+    images; the average is what one worker recomputing over all of them gets."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_recompute_share_and_save, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    alone = _model()
+    recompute_bn_stats(alone, [b["image"] for b in _batches(n=6)], CPU)
+    for key in ("1.running_mean", "1.running_var"):
+        assert torch.equal(r0[key], r1[key]), key
+        assert torch.allclose(r0[key], alone.state_dict()[key], rtol=1e-5, atol=1e-6), key
+    rank0_alone = _model()
+    recompute_bn_stats(rank0_alone, [b["image"] for b in _batches(n=6)][0::2], CPU)
+    assert not torch.allclose(r0["1.running_mean"], rank0_alone.state_dict()["1.running_mean"])

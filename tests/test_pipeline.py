@@ -3,6 +3,8 @@ training cache; how blocks reach the training workers."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from conftest import make_image_folder
@@ -111,6 +113,35 @@ def test_the_cache_leaves_out_and_records_unreadable_files(ray_cluster, tmp_path
     assert list(ray.get(stage.ledger.items.remote())) == [bad.key]
     rows = stage.rows(stage.dataset(shuffle=True, cache=True), 0)
     assert sorted(int(r["label"]) for r in rows) == [i for i in range(stage.n) if i != 2]
+
+
+def test_a_half_cpu_stage_runs_where_training_leaves_half_a_cpu(ray_cluster, tmp_path):
+    """One training worker of 1.5 CPUs beside data tasks of 0.5 on 2 CPUs: the ids are read by
+    half-CPU tasks too (a read of 1 CPU, ``ray.data.range``'s, would wait forever)."""
+    import ray
+
+    @ray.remote(num_cpus=1.5)
+    class Trainer:
+        def ready(self) -> bool:
+            return True
+
+    trainer = Trainer.remote()
+    try:
+        ray.get(trainer.ready.remote())
+        stage = Stage(tmp_path, {"a": 3, "b": 3}, {"train": {"seed": 1}})
+        cfg = stage.cfg_with(cpus_per_worker=0.5, files_per_batch=2, workers=1)
+        ds = pipeline._stage(stage.n, cfg, {
+            "filesystem": stage.split.filesystem, "cfg": cfg.to_dict(), "ledger": stage.ledger,
+            "records": stage.table})
+        got: list[int] = []
+        drain = threading.Thread(target=lambda: got.extend(int(r["label"]) for r in ds.iter_rows()),
+                                 daemon=True)
+        drain.start()
+        drain.join(timeout=120)
+        assert not drain.is_alive(), "the data stage waited for a CPU it can never have"
+        assert sorted(got) == list(range(stage.n))
+    finally:
+        ray.kill(trainer)
 
 
 def test_cache_choice_follows_the_setting_and_the_object_store(monkeypatch):

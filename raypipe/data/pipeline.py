@@ -296,6 +296,35 @@ def data_workers(cfg: Config, cpus_left: float) -> int:
     return max(1, math.floor(cpus_left / p.cpus_per_worker + 1e-9))
 
 
+class RowIds(ray.data.Datasource):
+    """Row ids ``0..n-1`` in blocks, read by tasks of the map stage's CPUs. ``ray.data.range``
+    reads with 1 CPU a task; a read that asks for other resources than the map after it is not
+    fused with it, and where less than one CPU is left to the data stage (``pipeline.
+    cpus_per_worker`` below 1 beside the training workers) it is never scheduled."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def get_name(self) -> str:
+        return "Range"  # the tasks' title: ReadRange->MapBatches(...), as with ray.data.range
+
+    def estimate_inmemory_data_size(self) -> int:
+        return 8 * self.n
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       **kwargs: Any) -> list:
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import ReadTask
+
+        tasks = []
+        for ids in np.array_split(np.arange(self.n, dtype=np.int64), max(1, min(parallelism, self.n))):
+            meta = BlockMetadata(num_rows=len(ids), size_bytes=8 * len(ids), exec_stats=None,
+                                 input_files=None)
+            tasks.append(ReadTask(lambda ids=ids: [pa.table({"id": ids})], meta,
+                                  per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
 def _stage(n: int, cfg: Config, kwargs: dict) -> ray.data.Dataset:
     """Row ids ``0..n-1`` in blocks of ``files_per_batch`` -> the map stage: tasks of
     ``pipeline.cpus_per_worker`` CPUs each, at most ``pipeline.workers`` at a time (``auto``: as
@@ -303,7 +332,7 @@ def _stage(n: int, cfg: Config, kwargs: dict) -> ray.data.Dataset:
     assert n > 0, "a dataset of no files"
     p = cfg.pipeline
     blocks = math.ceil(n / p.files_per_batch)
-    ds = ray.data.range(n, override_num_blocks=blocks)
+    ds = ray.data.read_datasource(RowIds(n), override_num_blocks=blocks, num_cpus=p.cpus_per_worker)
     return ds.map_batches(
         process_block, batch_size=None, batch_format="numpy", num_cpus=p.cpus_per_worker,
         compute=ray.data.TaskPoolStrategy(size=None if p.workers == "auto" else min(p.workers, blocks)),

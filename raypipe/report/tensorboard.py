@@ -29,6 +29,7 @@ SCALARS = {
     "data_wait_frac": "speed/data_wait_frac",
     "epoch_time_s": "speed/epoch_time_s",
     "bn_stats_s": "speed/bn_stats_s",
+    "validation_s": "speed/validation_s",
 }
 
 

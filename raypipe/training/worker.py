@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -130,17 +132,32 @@ def _restore(uri: str | None, model, optimizer, scheduler, scaler,
     return int(state["epoch"]) + 1, list(meta.get("history", []))
 
 
-def _share_rank0_buffers(*modules: torch.nn.Module) -> None:
+def _share_rank0_buffers(*modules: torch.nn.Module, average_bn: bool = False) -> None:
     """Give every worker rank 0's buffers (BatchNorm running statistics). DDP keeps the weights
     equal, but each worker's statistics follow its own last batch (DDP broadcasts rank 0's at
     the start of each forward, then each worker updates them with its own batch), so without this
     every worker would validate a slightly different model, and none exactly the one the
-    checkpoint (rank 0's) holds."""
+    checkpoint (rank 0's) holds.
+
+    ``average_bn`` (``bn_stats: precise``, where each worker recomputed its statistics over its
+    own share of the epoch's last images, as many batches each): the BatchNorm running means and
+    variances are averaged over the workers instead, which is the mean over all those batches,
+    what one worker recomputing over every one of them would get."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    world = dist.get_world_size()
     for module in modules:
+        averaged: set[int] = set()
+        if average_bn:
+            for layer in loop.batchnorm_layers(module):
+                for buf in (layer.running_mean, layer.running_var):
+                    if buf is not None:
+                        dist.all_reduce(buf)
+                        buf /= world
+                        averaged.add(id(buf))
         for buf in module.buffers():
-            dist.broadcast(buf, src=0)
+            if id(buf) not in averaged:
+                dist.broadcast(buf, src=0)
 
 
 def _barrier(world: int) -> None:
@@ -194,6 +211,8 @@ def train_func(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_worker_batch = max(1, t.batch_size // world)
+    # bn_stats: precise: each worker recomputes over its share of the images, then they average
+    bn_samples = math.ceil(t.bn_stats_samples / world) if t.bn_stats == "precise" else 0
     doctor = GradientDoctor(t.grad_spike_factor, grads_may_overflow=scaler.is_enabled())
     clock = facts.get("clock")
     tb = TensorBoardLogger(facts.get("run_dir"), enabled=cfg.run.tensorboard and rank == 0)
@@ -203,6 +222,8 @@ def train_func(config: dict) -> None:
                                         **kwargs)
 
     for epoch in range(start_epoch, t.epochs):
+        # the whole epoch as a user waits for it: training, validation, checkpoint, history
+        started_at, t_start = time.time(), time.perf_counter()
         lr = scheduler.lr
         frozen = cfg.model.freeze if epoch < cfg.model.freeze_epochs else "none"
         if cfg.model.freeze != "none" and set_frozen(loop.unwrap(model), cfg.model.freeze,
@@ -220,18 +241,21 @@ def train_func(config: dict) -> None:
                 optimizer, loss_fn, device, doctor, epoch=epoch,
                 grad_clip=t.grad_clip, amp=t.amp, channels_last=t.channels_last, scaler=scaler,
                 ema=ema, mixup_alpha=0.0 if t.overfit_subset is not None else t.mixup_alpha,
-                bn_stats_samples=t.bn_stats_samples if t.bn_stats == "precise" else 0,
+                bn_stats_samples=bn_samples,
                 freeze=frozen,
             )
             _check_finite("a model weight or BatchNorm statistic",
                           loop.unwrap(model).state_dict().values(), doctor, epoch, stats, lr)
-            _share_rank0_buffers(loop.unwrap(model), *([ema.module] if ema is not None else []))
+            _share_rank0_buffers(loop.unwrap(model), *([ema.module] if ema is not None else []),
+                                 average_bn=bn_samples > 0)
+            t_val = time.perf_counter()
             labels, logits = loop.predict(
                 ema.module if ema is not None else loop.unwrap(model),
                 batches(val_shard, prefetch_batches=cfg.pipeline.prefetch_batches),
                 device, amp=t.amp, channels_last=t.channels_last, tta=cfg.augment.tta,
             )
             labels, logits = gather_predictions(labels, logits)
+            val_time = time.perf_counter() - t_val
             _check_finite("the validation output", [torch.from_numpy(logits)], doctor, epoch,
                           stats, lr)
         except TrainingDiverged as exc:
@@ -240,7 +264,8 @@ def train_func(config: dict) -> None:
             return
         val, confusion = epoch_metrics(labels, logits, facts["class_names"], eval_loss_fn,
                                        t.threshold, multilabel)
-        metrics = {"epoch": epoch, "lr": lr, **stats, **val}
+        metrics = {"epoch": epoch, "lr": lr, "epoch_started_at": started_at, **stats, **val,
+                   "validation_s": val_time}
         metrics["images_per_s_total"] = _sum_over_workers(stats["images_per_s"], device)
         scheduler.step(metrics)
         history.append({**metrics, "val_confusion": confusion})
@@ -248,6 +273,9 @@ def train_func(config: dict) -> None:
         if rank == 0 and clock is not None:  # for the driver's progress display
             clock.record.remote({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, cfg, facts, ema)
+        if rank == 0:  # after the checkpoint: history.json's epoch_wall_s holds its time too
+            history[-1]["epoch_wall_s"] = time.perf_counter() - t_start
+            _write_history(facts["run_dir"], history)
         gate = facts.get("stop_gate")
         if gate is not None and epoch + 1 < t.epochs:
             # a search scheduler's verdict on this epoch, the same on every worker
@@ -331,7 +359,6 @@ def _report(metrics, history, rank, model, optimizer, scheduler, scaler, epoch, 
     # the report has persisted the files: now the folder is complete; and history.json never
     # lists an epoch that a restart would have to train again
     checkpoints.mark_complete(uri, epoch)
-    _write_history(facts["run_dir"], history)
 
 
 def _write_history(run_dir: str | None, history: list) -> None:
