@@ -487,6 +487,9 @@ def dataset_config(deterministic: bool = True):
             hints = None if deterministic else worker_node_ids
             for name, ds in datasets.items():
                 ds.context.execution_options = ExecutionOptions(preserve_order=deterministic)
+                if world_size == 1:  # nothing to split: no coordinator actor between stage and worker
+                    out[0][name] = ds.iterator()
+                    continue
                 for i, part in enumerate(ds.streaming_split(world_size, equal=(name != "val"),
                                                             locality_hints=hints)):
                     out[i][name] = part
