@@ -105,10 +105,22 @@ def fail(main: Callable[[], int]) -> int:
         report(f"error: {exc}")
         return 2
     except _user_errors() as exc:
-        report(f"error: {exc}")
+        report(f"error: {_message(exc)}")
         return 1
     finally:
         _OWNS_RAY = before
+
+
+def _message(exc: BaseException) -> str:
+    """One of our errors raised inside a Ray task reaches the driver wrapped with the task's
+    traceback: its own message, not the traceback, is what the user reads."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError):
+        from raypipe.training.trainer import root_cause
+
+        return root_cause(exc)
+    return str(exc)
 
 
 def exit_with(main: Callable[[], int]) -> NoReturn:

@@ -213,12 +213,12 @@ def test_a_cluster_of_unknown_size_is_warned_about_not_refused(caplog, monkeypat
 
 
 def test_rays_worker_start_failures_are_said_in_raypipes_words() -> None:
-    from raypipe.training.trainer import _root_cause
+    from raypipe.training.trainer import root_cause
 
     class WorkerGroupStartupTimeoutError(Exception):
         pass
 
-    text = _root_cause(WorkerGroupStartupTimeoutError("The worker group startup timed out after 60 s"))
+    text = root_cause(WorkerGroupStartupTimeoutError("The worker group startup timed out after 60 s"))
     assert text.startswith("ResourceError: the cluster did not provide the training workers")
     assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" in text and "train.num_workers" in text
 

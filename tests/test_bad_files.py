@@ -249,13 +249,13 @@ def test_job_with_fail_policy_prints_one_clean_message(ray_cluster, tmp_path: Pa
     assert [s["file"] for s in summary["skipped"]] == ["dogs/zero.jpg"]
 
 
-def test_root_cause_digs_our_message_out_of_ray_train_wrapping() -> None:
+def testroot_cause_digs_our_message_out_of_ray_train_wrapping() -> None:
     """Ray Train reports worker failures as truncated snippets; the worker's full traceback text
     still holds the BadFileError raised in the Ray Data actor, and that line is what users see."""
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from raypipe.training.trainer import _root_cause
+    from raypipe.training.trainer import root_cause
 
     tb = (
         "Traceback (most recent call last):\n  File \"worker.py\", line 1, in train_func\n"
@@ -270,6 +270,6 @@ def test_root_cause_digs_our_message_out_of_ray_train_wrapping() -> None:
         0: UserExceptionWithTraceback(RuntimeError("wrapped"), tb),
         1: UserExceptionWithTraceback(RuntimeError("wrapped"), tb),
     })
-    assert _root_cause(err) == ("BadFileError: unreadable image 'dogs/zero.jpg': file is empty "
+    assert root_cause(err) == ("BadFileError: unreadable image 'dogs/zero.jpg': file is empty "
                                 "(0 bytes). Fix or remove the file.")
-    assert _root_cause(ValueError("plain")) == "ValueError: plain"
+    assert root_cause(ValueError("plain")) == "ValueError: plain"

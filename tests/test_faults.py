@@ -193,7 +193,13 @@ def test_interrupted_run_keeps_its_results_resumes_and_keeps_the_best(ray_cluste
     assert summary["best_value"] == max(acc.values())
     assert acc[summary["best_epoch"]] == max(acc.values())
     kept = _epochs_kept(run_dir)
-    assert summary["best_epoch"] in kept and EPOCHS - 1 in kept and len(kept) <= 2
+    assert summary["best_epoch"] in kept and EPOCHS - 1 in kept
+    # Ray Train deletes the checkpoints it registered beyond num_to_keep; one an interruption
+    # caught before Ray registered it is not Ray's to delete, and raypipe deletes none on a guess:
+    # any other folder kept is one of the epochs around the two interruptions
+    stops = {len(first["history"]) - 1, len(first["history"]),
+             len(second["history"]) - 1, len(second["history"])}
+    assert set(kept) - {summary["best_epoch"], EPOCHS - 1} <= stops, (kept, stops)
     for e in set(acc) - set(kept):
         assert acc[e] <= acc[summary["best_epoch"]], "a better checkpoint was deleted"
 

@@ -146,7 +146,7 @@ def test_concurrency_follows_cpus_and_config():
         drv.max_concurrent_trials([load_config(None, ["train.num_workers=4"])], {"CPU": 2})
 
 
-def test_error_message_finds_the_root_cause():
+def test_error_message_finds_theroot_cause():
     wrapped = ("ray.exceptions.RayTaskError(RunError): ray::ImplicitFunc.train()\n"
                "raypipe.training.trainer.RunError: WorkerGroupError: Training failed\n"
                "  File \"x.py\", line 3\nValueError: Input contains NaN.\n")

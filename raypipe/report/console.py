@@ -55,6 +55,19 @@ class RunProgress:
             new = ray.get(self.clock.since.remote(self.seen), timeout=10)
         except Exception:  # the run ended and took the clock with it: nothing more to show
             return
+        self.show_epochs(new)
+
+    def catch_up(self, history: Sequence[dict]) -> None:
+        """After the run: the epochs of ``history`` (this run's, from its start epoch) that no
+        poll delivered (the clock's last messages can be lost when its actor goes first, or a
+        poll times out on a loaded machine), so that every epoch is shown exactly once."""
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            self.poll()
+            self.show_epochs([h for h in history if h.get("epoch", -1) >= self.start + self.seen])
+
+    def show_epochs(self, new: Sequence[dict]) -> None:
         for metrics in new:
             self.seen += 1
             for listener in self.listeners:
@@ -72,8 +85,9 @@ class RunProgress:
     def __exit__(self, *exc: Any) -> None:
         if not self.enabled:
             return
-        self._stop.set()
-        self._thread.join()
-        self.poll()  # the last epochs
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            self.poll()  # the last epochs
         if self.bar is not None:
             self.bar.close()

@@ -351,7 +351,7 @@ _NO_WORKERS = {
 }
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     """The innermost meaningful message of a Ray Train failure: our own error's message when one
     of them caused it (raised in a training worker or in a Ray Data actor), else the innermost."""
     msgs = _failure_texts(exc)
@@ -421,8 +421,9 @@ def run_training(
         # the tracker closes the MLflow run after the progress watcher's last epochs
         with MlflowTracker(cfg, track_params, track_tags) as tracker, RunProgress(
                 data.clock, cfg.train.epochs, start, enabled=progress,
-                metric=cfg.checkpoint.metric, listeners=tracker.listeners):
+                metric=cfg.checkpoint.metric, listeners=tracker.listeners) as progress:
             summary = _fit_and_summarise(cfg, split, records, trainer, data.ledger, t0)
+            progress.catch_up(summary.get("history") or [])
             tracker.finished(summary)
         return summary
     finally:
@@ -442,11 +443,11 @@ def _fit_and_summarise(cfg: Config, split: DatasetSplit, records: list[Record],
         _write_partial_summary(cfg, split, records, ledger, "interrupted", None, t0)
         raise KeyboardInterrupt from exc
     except Exception as exc:  # Ray wraps worker errors; surface the root cause
-        cause = _explain_storage(_root_cause(exc), cfg)
+        cause = _explain_storage(root_cause(exc), cfg)
         _write_partial_summary(cfg, split, records, ledger, "failed", cause, t0)
         raise RunError(cause) from exc
     if result.error is not None:
-        cause = _explain_storage(_root_cause(result.error), cfg)
+        cause = _explain_storage(root_cause(result.error), cfg)
         _write_partial_summary(cfg, split, records, ledger, "failed", cause, t0)
         raise RunError(cause)
     diverged = _read_text(join_uri(run_dir, DIVERGED_FILE))
