@@ -226,12 +226,12 @@ class AugmentConfig(_Section):
 
 class PipelineConfig(_Section):
     workers: int | Literal["auto"] = Field(
-        "auto", description="data workers (Ray Data tasks) that read, decode, preprocess and "
-        "augment images; auto: as many as the CPUs left after the training workers hold, at "
-        "least 1")
+        "auto", description="data workers (a pool of Ray Data actors per epoch) that read, "
+        "decode, preprocess and augment images; auto: from 1, growing with the work queued up "
+        "to the CPUs the training workers leave free (the cluster's, as it grows)")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs each data worker reserves")
     files_per_batch: int = Field(
-        32, ge=1, description="files a data worker processes per task; each task's output is one "
+        32, ge=1, description="files a data worker processes per block; its output is one "
         "block of that many preprocessed images")
     prefetch_batches: int = Field(
         2, ge=0, description="training batches each training worker fetches ahead")

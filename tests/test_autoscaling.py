@@ -195,7 +195,7 @@ def test_job_scales_cluster_up_and_down(fake_cluster, tmp_path, cache_dir):
             ["jobs/train.py", *TINY, "train.num_workers=1", "train.cpus_per_worker=1",
              "pipeline.cpus_per_worker=1", f"run.storage_path={results}", "run.name=autoscaled"],
             {"RAYPIPE_CACHE": str(cache_dir)})
-    status, peak, logs = _follow(cluster, "autoscale-train", timeout=600)
+    status, peak, logs = _follow(cluster, "autoscale-train", timeout=420)
     assert status == "SUCCEEDED", f"job {status}:\n{logs[-4000:]}"
     assert 1 <= peak <= cluster.max_workers, f"worker nodes seen alive: {peak}"
     assert "Going on: the cluster may scale up" not in logs  # checked against RAYPIPE_MAX_CPUS
@@ -222,7 +222,7 @@ def test_search_scales_cluster_up_and_down(fake_cluster, tmp_path, cache_dir):
              "train.cpus_per_worker=0.5", "pipeline.cpus_per_worker=0.5",
              f"run.storage_path={results}"],
             {"RAYPIPE_CACHE": str(cache_dir)})
-    status, peak, logs = _follow(cluster, "autoscale-search", timeout=900)
+    status, peak, logs = _follow(cluster, "autoscale-search", timeout=420)
     assert status == "SUCCEEDED", f"job {status}:\n{logs[-4000:]}"
     assert "running up to 2 trial(s) at a time" in logs, logs[-4000:]
     assert 1 <= peak <= cluster.max_workers, f"worker nodes seen alive: {peak}"
@@ -254,7 +254,7 @@ def test_job_on_a_cluster_of_unknown_size_ends_when_its_workers_never_come(
              f"run.storage_path={results}", "run.name=never-fits"],
             {"RAYPIPE_CACHE": str(cache_dir),
              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(timeout_s)})
-    status, _, logs = _follow(cluster, "never-fits", timeout=600)
+    status, _, logs = _follow(cluster, "never-fits", timeout=420)
     elapsed = time.time() - t0
     assert status == "FAILED", f"job {status}:\n{logs[-4000:]}"
     # not the pre-check: it let the run go on

@@ -169,8 +169,9 @@ def test_cpu_sampler_counts_this_process_between_two_moments():
     with e2e.CpuSampler(interval=0.05) as cpu:
         t0 = time.time()
         end = time.process_time() + 0.3
-        while time.process_time() < end:  # burn 0.3 s of CPU
-            pass
+        while time.process_time() < end:  # burn 0.3 s of CPU, letting the sampler's thread in
+            sum(range(2000))
+            time.sleep(0)
         t1 = time.time()
         time.sleep(0.2)
     spent = cpu.between(t0, t1)
