@@ -226,7 +226,7 @@ class AugmentConfig(_Section):
 
 class PipelineConfig(_Section):
     workers: int | Literal["auto"] = Field(
-        "auto", description="data workers (a pool of Ray Data actors per epoch) that read, "
+        "auto", description="data workers (Ray Data actors, or tasks for short epochs) that read, "
         "decode, preprocess and augment images; auto: from 1, growing with the work queued up "
         "to the CPUs the training workers leave free (the cluster's, as it grows)")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs each data worker reserves")

@@ -249,7 +249,7 @@ def test_job_with_fail_policy_prints_one_clean_message(ray_cluster, tmp_path: Pa
     assert [s["file"] for s in summary["skipped"]] == ["dogs/zero.jpg"]
 
 
-def testroot_cause_digs_our_message_out_of_ray_train_wrapping() -> None:
+def test_root_cause_digs_our_message_out_of_ray_train_wrapping() -> None:
     """Ray Train reports worker failures as truncated snippets; the worker's full traceback text
     still holds the BadFileError raised in the Ray Data actor, and that line is what users see."""
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback

@@ -67,6 +67,21 @@ def test_training_rows_read_every_file_once_per_epoch_in_that_epochs_order(ray_c
         assert (seen[0] != seen[1]) == shuffle
 
 
+def test_long_epochs_run_on_data_actors_and_give_what_tasks_give(ray_cluster, tmp_path):
+    """An epoch of ACTOR_POOL_MIN_BLOCKS blocks or more runs on a pool of data actors, a shorter
+    one on tasks: the same rows, in the same order, with the same augmented pixels."""
+    stage = Stage(tmp_path, {"a": 40, "b": 30}, {"augment": ALL_ON.model_dump(), "train": {"seed": 2}})
+    assert stage.n >= pipeline.ACTOR_POOL_MIN_BLOCKS
+    actors = stage.dataset(files_per_batch=1, augment=True, shuffle=True)
+    tasks = stage.dataset(files_per_batch=8, augment=True, shuffle=True)
+    assert "BlockWorker" in repr(actors) and "process_block" in repr(tasks)
+    a, t = stage.rows(actors, 1), stage.rows(tasks, 1)
+    assert [int(r["label"]) for r in a] == [int(r["label"]) for r in t] == list(
+        pipeline.epoch_order(stage.n, 2, 1))
+    for x, y in zip(a, t, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+
+
 def test_augmented_samples_depend_on_seed_epoch_and_file_not_on_workers_or_batches(ray_cluster,
                                                                                    tmp_path):
     stage = Stage(tmp_path, {"a": 5, "b": 5}, {"augment": ALL_ON.model_dump(), "train": {"seed": 3}},

@@ -1,11 +1,10 @@
 """The only Ray Data glue: file records -> streaming Datasets of model-ready batches.
 
-Every dataset here is a range of row ids followed by one ``map_batches`` stage of data actors
-(:class:`BlockWorker`, a pool per execution). For each block of ``pipeline.files_per_batch``
-ids, an actor looks up which file each id stands for (a table of paths, labels and keys put
-once in the object store), reads, decodes, preprocesses and (training) augments it, and returns
-one block of model-ready images.
-Full-resolution pixels never pass through the object store; only model-sized arrays do.
+Every dataset here is a range of row ids followed by one ``map_batches`` stage: a pool of data
+actors (:class:`BlockWorker`) per execution, or tasks for short ones. For each block of
+``pipeline.files_per_batch`` ids, a data worker looks up which file each id stands for (a table
+of paths, labels and keys put once in the object store), reads, decodes, preprocesses and
+(training) augments it, and returns one block of model-ready images. Full-resolution pixels never pass through the object store; only model-sized arrays do.
 
 Training ids are positions in the epoch's order of the files (:func:`epoch_order`), a new
 seeded permutation every epoch, read from the run's :class:`EpochClock`. Where the training
@@ -330,24 +329,34 @@ class RowIds(ray.data.Datasource):
 # moment one is done, instead of after a round trip through Ray Data's scheduler (which, with
 # one task per CPU, left the data CPUs idle ~40 % of the time on 224-px JPEGs)
 BLOCKS_QUEUED_PER_WORKER = 4
+# an actor pool starts new processes every epoch (~3 s on 2 CPUs, imports included); tasks run on
+# processes Ray keeps. From this many blocks an epoch on, the pool's start-up is the smaller cost
+ACTOR_POOL_MIN_BLOCKS = 64
 
 
 def _stage(n: int, cfg: Config, kwargs: dict) -> ray.data.Dataset:
-    """Row ids ``0..n-1`` in blocks of ``files_per_batch`` -> the map stage: a pool of data
-    actors of ``pipeline.cpus_per_worker`` CPUs each, ``pipeline.workers`` of them (``auto``:
-    from one, growing with the work queued and the CPUs free, the cluster's included)."""
+    """Row ids ``0..n-1`` in blocks of ``files_per_batch`` -> the map stage of
+    ``pipeline.cpus_per_worker`` CPUs per data worker, ``pipeline.workers`` of them (``auto``:
+    growing with the work queued and the CPUs free, the cluster's included). An epoch of at
+    least :data:`ACTOR_POOL_MIN_BLOCKS` blocks runs on a pool of data actors that each hold a
+    few blocks queued; a shorter one (a small dataset, a validation set) on tasks, which start
+    at once. Both run the same :class:`ImageProcessor` on the same blocks."""
     assert n > 0, "a dataset of no files"
     p = cfg.pipeline
     blocks = math.ceil(n / p.files_per_batch)
     ds = ray.data.read_datasource(RowIds(n), override_num_blocks=blocks, num_cpus=p.cpus_per_worker)
+    common = {"batch_size": None, "batch_format": "numpy", "num_cpus": p.cpus_per_worker}
+    if blocks < ACTOR_POOL_MIN_BLOCKS:
+        size = None if p.workers == "auto" else min(p.workers, blocks)
+        return ds.map_batches(process_block, compute=ray.data.TaskPoolStrategy(size=size),
+                              fn_kwargs={"token": uuid.uuid4().hex, **kwargs}, **common)
     if p.workers == "auto":
         pool = ray.data.ActorPoolStrategy(min_size=1, max_size=None,
                                           max_tasks_in_flight_per_actor=BLOCKS_QUEUED_PER_WORKER)
     else:
-        pool = ray.data.ActorPoolStrategy(size=max(1, min(p.workers, blocks)),
+        pool = ray.data.ActorPoolStrategy(size=p.workers,
                                           max_tasks_in_flight_per_actor=BLOCKS_QUEUED_PER_WORKER)
-    return ds.map_batches(BlockWorker, batch_size=None, batch_format="numpy",
-                          num_cpus=p.cpus_per_worker, compute=pool, fn_constructor_kwargs=kwargs)
+    return ds.map_batches(BlockWorker, compute=pool, fn_constructor_kwargs=kwargs, **common)
 
 
 class BlockWorker:
@@ -453,16 +462,29 @@ def build_datasets(cfg: Config, split: DatasetSplit, train_records: list[Record]
     train_ref = ray.put(records_table(records))
     cached, why = cache_choice(cfg, len(records), len(split.val))
     log.info("%s", why)
-    cache = build_train_cache(cfg, train_ref, len(records), split.filesystem, ledger, workers) \
-        if cached else None
-    n_train = cache.files if cache is not None else len(records)
-    train = _stage(n_train, cfg, {**base, "records": train_ref, "clock": clock,
-                                           "augment": cfg.augment.enabled and not overfit,
-                                           "shuffle": not overfit, "cache": cache})
-    val = _stage(len(split.val), cfg, {**base, "records": ray.put(records_table(split.val))})
-    if cached:  # validation is deterministic: made once, read each epoch
-        val = val.materialize()
+    try:
+        cache = build_train_cache(cfg, train_ref, len(records), split.filesystem, ledger,
+                                  workers) if cached else None
+        n_train = cache.files if cache is not None else len(records)
+        train = _stage(n_train, cfg, {**base, "records": train_ref, "clock": clock,
+                                      "augment": cfg.augment.enabled and not overfit,
+                                      "shuffle": not overfit, "cache": cache})
+        val = _stage(len(split.val), cfg, {**base, "records": ray.put(records_table(split.val))})
+        if cached:  # validation is deterministic: made once, read each epoch
+            val = val.materialize()
+    except Exception as exc:
+        release(clock)
+        raise DataStageFailed(exc, ledger) from exc
     return Datasets(train, val, ledger, clock, n_train, cached)
+
+
+class DataStageFailed(RuntimeError):
+    """Making the cache or the validation set failed before training started; ``ledger`` holds
+    the bad files found so far, for the run's summary."""
+
+    def __init__(self, error: BaseException, ledger: Any):
+        super().__init__(str(error))
+        self.error, self.ledger = error, ledger
 
 
 def build_inference_dataset(

@@ -415,8 +415,14 @@ def run_training(
     start = checkpoints.epoch_of(resume) + 1 if resume else 0
     if resume:
         log.info("resuming %s after epoch %d (%s)", cfg.run.name, start, resume)
-    trainer, data = build_trainer(cfg, split, train_records, callbacks, stop_gate)
     records = split.train if train_records is None else train_records
+    try:
+        trainer, data = build_trainer(cfg, split, train_records, callbacks, stop_gate)
+    except pipeline.DataStageFailed as exc:
+        cause = _explain_storage(root_cause(exc.error), cfg)
+        _write_partial_summary(cfg, split, records, exc.ledger, "failed", cause, t0)
+        pipeline.release(exc.ledger)
+        raise RunError(cause) from exc.error
     try:
         # the tracker closes the MLflow run after the progress watcher's last epochs
         with MlflowTracker(cfg, track_params, track_tags) as tracker, RunProgress(
