@@ -31,7 +31,7 @@ def test_the_readme_first_run_prints_a_console_people_can_read(cache_dir, tmp_pa
     assert "dataset " in text and "2 classes; train 160" in text
     assert "loss: weighted_ce, class weights face 1, not_face 1" in text
     epochs = [line for line in after if line.startswith("epoch ")]
-    assert len(epochs) == 8 and epochs[0].startswith("epoch 1/8: ")
+    assert len(epochs) == 8 and epochs[0].startswith("epoch 1/8: "), text
     assert proc.stdout.strip().splitlines()[-3:][0] == f"run directory: {out / 'first'}"
 
 

@@ -3,6 +3,7 @@ come with the package."""
 
 from __future__ import annotations
 
+import os
 import site
 import subprocess
 import sys
@@ -40,18 +41,20 @@ def test_the_wheel_installs_and_its_commands_run_outside_the_checkout(tmp_path: 
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(py), "-c", "import raypipe; print(raypipe.__file__)"], cwd=elsewhere,
-                           capture_output=True, text=True, timeout=120)
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the installed wheel
+    where = subprocess.run([str(py), "-c", "import raypipe; print(raypipe.__file__)"],
+                           cwd=elsewhere, env=clean, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0 and where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr
     help_ = subprocess.run([str(venv / "bin" / "raypipe-train"), "--help"], cwd=elsewhere,
-                           capture_output=True, text=True, timeout=300)
+                           env=clean, capture_output=True, text=True, timeout=300)
     assert help_.returncode == 0, help_.stderr[-3000:]
     assert "pipeline.workers = auto" in help_.stdout and "--print-config" in help_.stdout
     printed = subprocess.run([str(venv / "bin" / "raypipe-train"), "--config", "flowers",
-                              "--print-config"], cwd=elsewhere, capture_output=True, text=True, timeout=300)
+                              "--print-config"], cwd=elsewhere, env=clean, capture_output=True,
+                             text=True, timeout=300)
     assert printed.returncode == 0, printed.stderr[-3000:]
     assert "class_names:\n  - daisy\n  - roses" in printed.stdout
     for command in ("raypipe-evaluate", "raypipe-tune", "raypipe-benchmark"):
-        done = subprocess.run([str(venv / "bin" / command), "--help"], cwd=elsewhere,
+        done = subprocess.run([str(venv / "bin" / command), "--help"], cwd=elsewhere, env=clean,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (command, done.stderr[-2000:])

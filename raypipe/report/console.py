@@ -74,7 +74,7 @@ class RunProgress:
                 listener(metrics)
             if self.bar is None:
                 continue
-            self.bar.write(epoch_line(metrics, self.epochs))
+            self.bar.write(epoch_line(metrics, self.epochs), file=sys.stderr)  # beside the bar
             postfix = {"img/s": f"{metrics.get('images_per_s_total', math.nan):.0f}"}
             value = metrics.get(self.metric)
             if isinstance(value, int | float):
