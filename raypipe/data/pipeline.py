@@ -334,10 +334,10 @@ BLOCKS_QUEUED_PER_WORKER = 4
 ACTOR_POOL_MIN_BLOCKS = 64
 
 
-def _stage(n: int, cfg: Config, kwargs: dict) -> ray.data.Dataset:
+def _stage(n: int, cfg: Config, kwargs: dict, start: int = 1) -> ray.data.Dataset:
     """Row ids ``0..n-1`` in blocks of ``files_per_batch`` -> the map stage of
     ``pipeline.cpus_per_worker`` CPUs per data worker, ``pipeline.workers`` of them (``auto``:
-    growing with the work queued and the CPUs free, the cluster's included). An epoch of at
+    from ``start``, growing with the work queued and the CPUs free). An epoch of at
     least :data:`ACTOR_POOL_MIN_BLOCKS` blocks runs on a pool of data actors that each hold a
     few blocks queued; a shorter one (a small dataset, a validation set) on tasks, which start
     at once. Both run the same :class:`ImageProcessor` on the same blocks."""
@@ -352,6 +352,7 @@ def _stage(n: int, cfg: Config, kwargs: dict) -> ray.data.Dataset:
                               fn_kwargs={"token": uuid.uuid4().hex, **kwargs}, **common)
     if p.workers == "auto":
         pool = ray.data.ActorPoolStrategy(min_size=1, max_size=None,
+                                          initial_size=max(1, min(start, blocks)),
                                           max_tasks_in_flight_per_actor=BLOCKS_QUEUED_PER_WORKER)
     else:
         pool = ray.data.ActorPoolStrategy(size=p.workers,
@@ -449,8 +450,8 @@ def build_datasets(cfg: Config, split: DatasetSplit, train_records: list[Record]
                    workers: int | None = None) -> Datasets:
     """The run's training and validation datasets. ``train_records`` overrides the split's
     training set (the overfit check's small subset, which trains in a fixed order without
-    augmentation). ``workers``: data tasks at a time while the cache is made (default:
-    :func:`data_workers` of all the cluster's CPUs)."""
+    augmentation). ``workers``: data workers at a time while the cache is made, and the data
+    actors each epoch starts with (default: :func:`data_workers` of all the cluster's CPUs)."""
     records = split.train if train_records is None else train_records
     if workers is None:
         workers = data_workers(cfg, float(ray.cluster_resources().get("CPU", 1.0)))
@@ -468,8 +469,9 @@ def build_datasets(cfg: Config, split: DatasetSplit, train_records: list[Record]
         n_train = cache.files if cache is not None else len(records)
         train = _stage(n_train, cfg, {**base, "records": train_ref, "clock": clock,
                                       "augment": cfg.augment.enabled and not overfit,
-                                      "shuffle": not overfit, "cache": cache})
-        val = _stage(len(split.val), cfg, {**base, "records": ray.put(records_table(split.val))})
+                                      "shuffle": not overfit, "cache": cache}, workers)
+        val = _stage(len(split.val), cfg, {**base, "records": ray.put(records_table(split.val))},
+                     workers)
         if cached:  # validation is deterministic: made once, read each epoch
             val = val.materialize()
     except Exception as exc:
