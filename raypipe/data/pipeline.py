@@ -185,6 +185,7 @@ class ImageProcessor:
                 if cache.positions else np.zeros(0, int)
             self._parts: dict[int, np.ndarray] = {}
         self._orders: dict[int, np.ndarray] = {}
+        self.fixed_epoch: int | None = None  # set by a data actor, which lives one epoch
 
     def _order(self, n: int, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -192,6 +193,8 @@ class ImageProcessor:
         return self._orders[epoch]
 
     def _epoch(self) -> int:
+        if self.fixed_epoch is not None:
+            return self.fixed_epoch
         return ray.get(self.clock.get.remote()) if self.clock is not None else 0
 
     def _load(self, path: str) -> np.ndarray:
@@ -366,6 +369,9 @@ class BlockWorker:
 
     def __init__(self, **kwargs: Any) -> None:
         self.proc = ImageProcessor(**kwargs)
+        # its pool is one execution, one epoch, started after the clock was set: read it once,
+        # not once per block
+        self.proc.fixed_epoch = self.proc._epoch()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.proc(batch)
