@@ -32,6 +32,10 @@ import pytest
 import yaml
 from conftest import ROOT, free_ports, kill_cluster, make_image_folder
 
+# a fake cluster's head takes Ray's default port and is the machine's "current" cluster, which a
+# ray.init() without an address joins: the tests that start Ray that way run in one test
+# process, one after another (xdist group "machine_ray")
+pytestmark = pytest.mark.xdist_group("machine_ray")
 RAY = str(Path(sys.executable).parent / "ray")
 LOCAL_YAML = ROOT / "cluster" / "local.yaml"
 IDLE_TIMEOUT_MIN = 0.2  # shorter than cluster/local.yaml's, to keep the tests short

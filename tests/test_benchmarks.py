@@ -381,3 +381,12 @@ def test_scale_from_s3_lists_past_one_page(tmp_path):
     assert s3["objects"] == s3["root_files"] == 1010
     assert [s["rows"] for s in s3["sizes"]] == [24]
     assert s3["sizes"][0]["images"] == 24 and s3["sizes"][0]["all_rows_listed"]
+
+
+def test_suite_benchmark_reads_pytests_counts():
+    from raypipe.benchmarks.suite import TIERS, counts
+
+    assert counts("612 passed, 80 deselected, 1 warning in 107.84s (0:01:47)") == {
+        "passed": 612, "deselected": 80}
+    assert counts("2 failed, 691 passed, 8 warnings in 1435.60s") == {"failed": 2, "passed": 691}
+    assert TIERS["fast"] == ("fast", 120.0) and TIERS["all"][1] == 1200.0

@@ -11,6 +11,7 @@ from conftest import run_job
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("machine_ray")  # starts its own Ray, as the README's command does
 def test_the_readme_first_run_prints_a_console_people_can_read(cache_dir, tmp_path):
     """``python jobs/train.py`` as the README's first command runs it (its own local Ray; only the
     results go to a temporary folder): after Ray's start-up lines, at most 40 lines, and each of

@@ -280,6 +280,7 @@ exit_with(main)
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("machine_ray")  # starts its own Ray
 def test_a_jobs_results_are_its_last_lines(tmp_path) -> None:
     """With --verbose Ray forwards its workers' logs to the driver as they come. A job that
     started Ray stops it before printing its results, so nothing follows them."""

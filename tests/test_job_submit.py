@@ -73,6 +73,7 @@ def _wait_for_jobs_api(url: str, token: str, timeout: float = 90) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("machine_ray")  # `ray start --head`: the machine's current cluster
 def test_ray_job_submit_with_token_auth(head_node, tmp_path, cache_dir):
     url, env, token = head_node
     # a request without the token is refused; with it, accepted
