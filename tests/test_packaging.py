@@ -28,6 +28,7 @@ def test_the_wheel_installs_and_its_commands_run_outside_the_checkout(tmp_path: 
     assert not any(n.startswith(("tests/", "jobs/")) for n in names)
 
     venv = tmp_path / "venv"
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the installed wheel
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
     # the dependencies (several GB) from this environment's site-packages, as plain paths: its
@@ -36,12 +37,11 @@ def test_the_wheel_installs_and_its_commands_run_outside_the_checkout(tmp_path: 
                              capture_output=True, text=True, check=True).stdout.strip()
     Path(purelib, "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env=clean)
     assert install.returncode == 0, install.stderr[-3000:]
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the installed wheel
     where = subprocess.run([str(py), "-c", "import raypipe; print(raypipe.__file__)"],
                            cwd=elsewhere, env=clean, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0 and where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr
