@@ -4,7 +4,8 @@ Every dataset here is a range of row ids followed by one ``map_batches`` stage: 
 actors (:class:`BlockWorker`) per execution, or tasks for short ones. For each block of
 ``pipeline.files_per_batch`` ids, a data worker looks up which file each id stands for (a table
 of paths, labels and keys put once in the object store), reads, decodes, preprocesses and
-(training) augments it, and returns one block of model-ready images. Full-resolution pixels never pass through the object store; only model-sized arrays do.
+(training) augments it, and returns one block of model-ready images. Full-resolution pixels
+never pass through the object store; only model-sized arrays do.
 
 Training ids are positions in the epoch's order of the files (:func:`epoch_order`), a new
 seeded permutation every epoch, read from the run's :class:`EpochClock`. Where the training
@@ -353,13 +354,9 @@ def _stage(n: int, cfg: Config, kwargs: dict, start: int = 1) -> ray.data.Datase
         size = None if p.workers == "auto" else min(p.workers, blocks)
         return ds.map_batches(process_block, compute=ray.data.TaskPoolStrategy(size=size),
                               fn_kwargs={"token": uuid.uuid4().hex, **kwargs}, **common)
-    if p.workers == "auto":
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=None,
-                                          initial_size=max(1, min(start, blocks)),
-                                          max_tasks_in_flight_per_actor=BLOCKS_QUEUED_PER_WORKER)
-    else:
-        pool = ray.data.ActorPoolStrategy(size=p.workers,
-                                          max_tasks_in_flight_per_actor=BLOCKS_QUEUED_PER_WORKER)
+    sizes = ({"min_size": 1, "max_size": None, "initial_size": max(1, min(start, blocks))}
+             if p.workers == "auto" else {"size": p.workers})
+    pool = ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=BLOCKS_QUEUED_PER_WORKER)
     return ds.map_batches(BlockWorker, compute=pool, fn_constructor_kwargs=kwargs, **common)
 
 

@@ -62,10 +62,15 @@ class RunProgress:
         poll delivered (the clock's last messages can be lost when its actor goes first, or a
         poll times out on a loaded machine), so that every epoch is shown exactly once."""
         if self.enabled:
+            self._stop_watching()
+            self.show_epochs([h for h in history if h.get("epoch", -1) >= self.start + self.seen])
+
+    def _stop_watching(self) -> None:
+        """Stop the watcher thread, once, and show what its last poll would have."""
+        if not self._stop.is_set():
             self._stop.set()
             self._thread.join()
             self.poll()
-            self.show_epochs([h for h in history if h.get("epoch", -1) >= self.start + self.seen])
 
     def show_epochs(self, new: Sequence[dict]) -> None:
         for metrics in new:
@@ -85,9 +90,6 @@ class RunProgress:
     def __exit__(self, *exc: Any) -> None:
         if not self.enabled:
             return
-        if not self._stop.is_set():
-            self._stop.set()
-            self._thread.join()
-            self.poll()  # the last epochs
+        self._stop_watching()
         if self.bar is not None:
             self.bar.close()
